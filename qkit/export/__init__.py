@@ -1,0 +1,124 @@
+"""Export a trained run to a deployable bundle: ``model.onnx`` + ``manifest.json`` (+ mobile files).
+
+The bundle directory is assembled beside its destination and renamed into place, so an interrupted export
+never leaves a half-written bundle where a good one stood.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+import qkit
+from qkit.data import load_dataset
+from qkit.errors import QkitError
+from qkit.export.lower import lower
+from qkit.export.onnx_passes import fold_weight_quantize, quantize_bias
+from qkit.export.report import execution_report, session_options
+from qkit.fileio import sha256
+from qkit.quant import Recipe
+from qkit.train import predict, top1
+from qkit.train.checkpoint import load_model, recipe_from_dict
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """Standard ONNX for ``model`` (batch dimension dynamic), checked with ``full_check``."""
+    deploy = lower(model, recipe)
+    dtype = torch.float16 if recipe.weight_bits == 16 else torch.float32
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(deploy, (torch.zeros(1, *input_shape, dtype=dtype),), buf, dynamo=False,
+                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    proto = onnx.load_from_string(buf.getvalue())
+    if recipe.is_quantized:
+        proto = quantize_bias(fold_weight_quantize(proto))
+    proto.producer_name, proto.producer_version = "qkit", qkit.__version__
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise QkitError(f"exported ONNX failed the checker: {str(exc).splitlines()[0]}") from None
+    return proto
+
+
+def _write_mobile(bundle: Path) -> None:
+    """ONNX Runtime Mobile's flatbuffer format (``model.ort``), optimised at the portable level."""
+    import onnxruntime as ort
+
+    so = session_options(optimized_path=str(bundle / "model.ort"))
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+def export(run: str | Path, out: str | Path | None = None, opset: int | None = None,
+           mobile: bool = False) -> Path:
+    """Write the bundle for ``run`` and return its directory."""
+    model, meta = load_model(run)
+    recipe = recipe_from_dict(meta["recipe"])
+    opset = opset or recipe.opset
+    if not 13 <= opset <= 20:
+        raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
+    dest = Path(out) if out else Path("export") / Path(run).name
+    input_shape = tuple(meta["input_shape"])
+    proto = to_onnx(model, recipe, input_shape, opset)
+
+    ds = load_dataset(meta["data"], default_shape=input_shape)
+    x_test, y_test = ds.split("test")
+    ref_logits = predict(model, x_test)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        onnx.save(proto, tmp / "model.onnx")
+        np.savez_compressed(tmp / "reference.npz", logits=ref_logits.numpy(), labels=y_test.numpy())
+        if mobile:
+            _write_mobile(tmp)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = build_manifest(meta, recipe, input_shape, top1(ref_logits, y_test), files, opset,
+                                  execution_report(tmp / "model.onnx"), run)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_in(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int, ...], torch_top1: float,
+                   files: dict[str, Any], opset: int, report: dict[str, Any], run: str | Path) -> dict[str, Any]:
+    return {
+        "format": "qkit-bundle-1",
+        "input": {"name": INPUT_NAME, "shape": ["N", *input_shape],
+                  "dtype": "float16" if recipe.weight_bits == 16 else "float32", "layout": "NCHW",
+                  "scale": meta["scale"], "mean": meta["mean"], "std": meta["std"],
+                  "preprocess": "x = (pixel / scale - mean[c]) / std[c]"},
+        "output": {"name": OUTPUT_NAME, "labels": meta["labels"], "kind": "logits"},
+        "recipe": recipe.name, "weight_bits": recipe.weight_bits, "act_bits": recipe.act_bits,
+        "adder": recipe.adder, "max_drop": recipe.max_drop,
+        "model": meta["model"], "data": meta["data"], "seed": meta.get("seed"),
+        "top1": torch_top1, "files": files, "opset": opset,
+        "execution": report, "source_run": str(run), "qkit_version": qkit.__version__,
+    }
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Replace ``dest`` with the finished ``tmp`` directory (two renames; the old bundle is removed last)."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,176 @@
+"""Lower a trained qkit model to plain torch ops that ``torch.onnx.export`` writes as standard ONNX.
+
+Quantizers become ``fake_quantize_*`` calls (exported as QuantizeLinear/DequantizeLinear pairs), BatchNorm
+is folded into the preceding conv/linear by rescaling the per-channel weight scale (exact: the integer
+weights do not change), binary layers keep ±1 integer weights with α as their scale, and AdderNet layers
+become shifted slices, Sub, Abs and ReduceSum.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct
+
+
+class QuantAct(nn.Module):
+    """y = s·(clamp(round(x/s) + zp, 0, 2^b − 1) − zp), optionally after ReLU, written as uint8 Q/DQ.
+
+    Below 8 bits the range limit is not a Clip (a Clip between Conv and Q blocks ORT's fusion): a second uint8
+    Q/DQ with zero point 255 − (2^b − 1 − zp) saturates exactly at the top level, and the first one's
+    zero point saturates at the bottom. Both are exact because every value is already on the grid.
+    """
+
+    def __init__(self, scale: float, zero_point: int, bits: int, relu: bool) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.bits, self.relu = float(scale), int(zero_point), bits, relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            x = torch.relu(x)
+        x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        if self.bits < 8:
+            # A value-preserving op between the pairs stops ORT's DoubleQDQPairsRemover from merging
+            # them into one pair with a finer, recomputed scale (which is not exact).
+            x = torch.relu(x) if self.zero_point == 0 else torch.clamp_min(x, -self.zero_point * self.scale)
+            top = 255 - (2 ** self.bits - 1 - self.zero_point)
+            x = torch.fake_quantize_per_tensor_affine(x, self.scale, top, 0, 255)
+        return x
+
+
+class BinaryAct(nn.Module):
+    """±1 activations, then an exact uint8 Q/DQ (scale 1, zero point 1) so the next layer sees integers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        return torch.fake_quantize_per_tensor_affine(x, 1.0, 1, 0, 255)
+
+
+class QuantWeightLayer(nn.Module):
+    """Conv2d or Linear with integer weights and per-output-channel scales (BN already folded)."""
+
+    def __init__(self, int_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 conv: nn.Conv2d | None = None) -> None:
+        super().__init__()
+        # A negative folded scale (BN with γ < 0) flips that channel's integers instead. Low-bit integers
+        # are then spread over the int8 range (w·k, s/k with k = ⌊127 / max|w_c|⌋): the float weights are
+        # unchanged, but the int32 bias grid s_x·s_w becomes k times finer, which keeps ORT's integer
+        # kernels in parity with the trained model when activations are coarse (2-4 bits).
+        shape = (-1,) + (1,) * (int_weight.dim() - 1)
+        int_weight = int_weight * torch.where(scale < 0, -1.0, 1.0).view(shape)
+        k = torch.floor(127 / int_weight.abs().flatten(1).amax(1).clamp_min(1))
+        scale = scale.abs() / k
+        self.register_buffer("weight", int_weight * k.view(shape) * scale.view(shape))
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", torch.zeros(len(scale), dtype=torch.int32))
+        self.register_buffer("bias", bias)
+        self.conv = None if conv is None else dict(stride=conv.stride, padding=conv.padding,
+                                                    dilation=conv.dilation, groups=conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.fake_quantize_per_channel_affine(self.weight, self.scale, self.zero_point, 0, -128, 127)
+        if self.conv is None:
+            return F.linear(x, w, self.bias)
+        return F.conv2d(x, w, self.bias, **self.conv)
+
+
+class AdderDeploy(nn.Module):
+    """y = −Σ_{c,i,j} |x[c, h+i, w+j] − W[o, c, i, j]| with standard ops: one shifted slice per kernel tap."""
+
+    def __init__(self, layer: Adder2d, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
+        self.register_buffer("weight", weight.detach().clone())
+        # BN folded after the reduction: y·scale + shift (BN cannot move into the weights of |x − w|).
+        self.register_buffer("scale", scale.view(1, -1, 1, 1))
+        self.register_buffer("shift", shift.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.padding
+        x = F.pad(x, (pw, pw, ph, ph))
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        oh = (x.shape[2] - kh) // sh + 1
+        ow = (x.shape[3] - kw) // sw + 1
+        x = x.unsqueeze(1)  # (N, 1, C, H, W) against weights (O, C) per tap
+        acc = None
+        for i in range(kh):
+            for j in range(kw):
+                tap = x[:, :, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+                d = (tap - self.weight[:, :, i, j].unsqueeze(0).unsqueeze(-1).unsqueeze(-1)).abs().sum(2)
+                acc = d if acc is None else acc + d
+        return acc * (-self.scale) + self.shift
+
+
+def _bn_fold(bn: nn.Module | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(multiplier, shift) such that BN(y) = multiplier·y + shift (identity without BN)."""
+    if bn is None:
+        return torch.ones(channels), torch.zeros(channels)
+    inv = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return inv, bn.bias.detach() - bn.running_mean * inv
+
+
+def _int_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer-valued weight, per-output-channel scale) of a quantized layer."""
+    if isinstance(m, (BinaryConv2d, BinaryLinear)):
+        _, alpha = m.quant_weight()
+        return torch.where(m.weight >= 0, 1.0, -1.0).detach(), alpha.detach()
+    qw = m.quant_weight()
+    scale = qw.scale.detach().flatten()
+    if scale.numel() == 1:
+        scale = scale.expand(m.weight.shape[0]).clone()
+    return qw.int().float().detach(), scale
+
+
+def _act(m: nn.Module) -> nn.Module:
+    if isinstance(m, SignAct):
+        return BinaryAct()
+    aq = m.act_quant
+    zp = float(aq.zero_point().detach().flatten()[0]) if aq.zero_point() is not None else 0.0
+    return QuantAct(float(aq.scale().detach().flatten()[0]), round(zp), int(aq.bit_width()),
+                    relu=type(m).__name__ == "QuantReLU")
+
+
+def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """An export-ready copy of ``model`` (eval mode); the original is left untouched."""
+    import brevitas.nn as qnn
+
+    model = copy.deepcopy(model).eval()
+    if recipe.weight_bits == 16:
+        return model.half()
+    gm = model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+    weighted = (qnn.QuantConv2d, qnn.QuantLinear, BinaryConv2d, BinaryLinear, Adder2d)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if isinstance(m, (qnn.QuantReLU, qnn.QuantIdentity, SignAct)):
+            _replace(gm, node.target, _act(m))
+        elif isinstance(m, weighted):
+            bn_node = next(iter(node.users)) if len(node.users) == 1 else None
+            bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
+            if not isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                bn, bn_node = None, None
+            out_ch = m.weight.shape[0]
+            mult, shift = _bn_fold(bn, out_ch)
+            bias = m.bias.detach() if m.bias is not None else torch.zeros(out_ch)
+            if isinstance(m, Adder2d):
+                new = AdderDeploy(m, m.quant_weight().detach(), mult, bias * mult + shift)
+            else:
+                w_int, scale = _int_weight(m)
+                conv = m if isinstance(m, nn.Conv2d) else None
+                new = QuantWeightLayer(w_int, scale * mult, bias * mult + shift, conv)
+            _replace(gm, node.target, new)
+            if bn_node is not None:
+                bn_node.replace_all_uses_with(node)
+                gm.graph.erase_node(bn_node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _replace(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, leaf = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)

@@ -1,0 +1,93 @@
+"""ONNX graph passes after ``torch.onnx.export``: constant integer weights and int32 biases.
+
+ORT fuses DQ→Conv→Q into QLinearConv only when the weight is a constant integer initializer and the bias,
+if any, is int32 at scale s_x·s_w; the TorchScript exporter leaves float weights behind a QuantizeLinear.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Ops that only move or select values: a DQ in front of them is a DQ in front of their consumer.
+_PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+def _const_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _broadcast(scale: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    if scale.ndim == 0 or scale.size == 1:
+        return scale.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return scale.reshape(shape)
+
+
+def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """QuantizeLinear(float constant) → the integer constant it computes (stored as an initializer)."""
+    consts = _const_values(model)
+    keep, new_inits = [], []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] in consts and node.input[1] in consts:
+            x, scale = consts[node.input[0]], consts[node.input[1]]
+            zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            info = np.iinfo(zp.dtype)
+            q = np.rint(x / _broadcast(scale, x.ndim, axis)) + _broadcast(zp.astype(np.int64), x.ndim, axis)
+            new_inits.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zp.dtype), node.output[0]))
+            continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    model.graph.initializer.extend(new_inits)
+    return remove_unused(model)
+
+
+def quantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Float bias of a Conv/Gemm fed by DQ(x) and DQ(int weight) → DQ(int32 bias, s_x·s_w)."""
+    consts = _const_values(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    new_nodes, new_inits = [], []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        while dq_x is not None and dq_x.op_type in _PASS_THROUGH:  # ORT moves DQ across these
+            dq_x = producer.get(dq_x.input[0])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        if dq_x.input[1] not in consts or dq_w.input[1] not in consts:
+            continue
+        s_x = consts[dq_x.input[1]].astype(np.float64).reshape(())
+        s_w = consts[dq_w.input[1]].astype(np.float64).reshape(-1)
+        bias = consts[node.input[2]].astype(np.float64)
+        scale = (s_x * s_w * np.ones_like(bias)).astype(np.float32)
+        b_int = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = node.input[2] + "_int32"
+        new_inits += [numpy_helper.from_array(b_int, base), numpy_helper.from_array(scale, base + "_scale"),
+                      numpy_helper.from_array(np.zeros_like(b_int), base + "_zp")]
+        new_nodes.append(helper.make_node("DequantizeLinear", [base, base + "_scale", base + "_zp"],
+                                          [base + "_dq"], name=base + "_DequantizeLinear", axis=0))
+        node.input[2] = base + "_dq"
+    model.graph.initializer.extend(new_inits)
+    # Insert the new DQ nodes first: they depend on initializers only, so topological order holds.
+    nodes = new_nodes + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return remove_unused(model)
+
+
+def remove_unused(model: onnx.ModelProto) -> onnx.ModelProto:
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    inits = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    return model

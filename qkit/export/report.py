@@ -1,0 +1,52 @@
+"""What actually runs: conv/matmul nodes of ORT's *optimised* CPU graph, by kernel precision."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+INT_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+           "DynamicQuantizeMatMul", "NhwcQLinearConv", "QAttention"}
+FLOAT_OPS = {"Conv", "FusedConv", "NchwcConv", "MatMul", "Gemm", "FusedMatMul", "FusedGemm", "ConvTranspose"}
+
+
+def session_options(threads: int | None = None, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return so
+
+
+def execution_report(onnx_path: str | os.PathLike) -> dict[str, Any]:
+    """Count conv/matmul nodes on integer, fp16 and fp32 kernels after ORT CPU graph optimisation."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opt_path = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), session_options(optimized_path=opt_path),
+                             providers=["CPUExecutionProvider"])
+        graph = onnx.load(opt_path).graph
+    types = {i.name: i.data_type for i in graph.initializer}
+    types.update({v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)})
+    counts = Counter()
+    for node in graph.node:
+        if node.op_type in INT_OPS:
+            counts["int8"] += 1
+        elif node.op_type in FLOAT_OPS:
+            fp16 = any(types.get(i) == onnx.TensorProto.FLOAT16 for i in node.input[:2])
+            counts["fp16" if fp16 else "fp32"] += 1
+    op_types = Counter(n.op_type for n in graph.node)
+    return {"int8": counts["int8"], "fp16": counts["fp16"], "fp32": counts["fp32"],
+            "nodes": len(graph.node), "op_types": dict(sorted(op_types.items())),
+            "optimization": "ORT_ENABLE_ALL, CPUExecutionProvider"}

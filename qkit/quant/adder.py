@@ -1,0 +1,81 @@
+"""AdderNet layer (Chen et al., "AdderNet: Do We Really Need Multiplications in Deep Learning?", CVPR 2020).
+
+Forward: y[n, o, l] = −Σ_k |X[n, l, k] − W[o, k]| over unfolded patches X (k runs over C·kh·kw).
+Backward (the paper's, not autograd's sign):
+  ∂y/∂W = X − W   (full-precision gradient, so weights keep moving when X ≈ W)
+  ∂y/∂X = HardTanh(W − X)   (clipped, so gradients do not explode through deep adder stacks)
+Adaptive learning rate: the weight gradient of each layer is rescaled to η·√k·G/‖G‖₂ inside backward
+(k = number of weights in the layer), as the official implementation does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkit.quant.quantizers import int_weight
+
+# Bound on the N×O×K×L elements the input gradient materialises at once (about 64 MB of fp32).
+_CHUNK_ELEMENTS = 16 * 2**20
+
+
+class _AdderFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eta: float) -> torch.Tensor:
+        # x: (N, L, K) patches, w: (O, K) → (N, L, O); cdist(p=1) never materialises N×L×O×K.
+        ctx.save_for_backward(x, w)
+        ctx.eta = eta
+        return -torch.cdist(x, w.unsqueeze(0), p=1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors  # g: (N, L, O)
+        # dW[o,k] = Σ_{n,l} g[n,l,o]·(x[n,l,k] − w[o,k]): one matmul and a row sum, no big tensor.
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w = g2.t() @ x2 - w * g2.sum(0).unsqueeze(1)
+        grad_w = grad_w * (ctx.eta * math.sqrt(w.numel()) / grad_w.norm().clamp_min(1e-12))
+        # dX[n,l,k] = Σ_o g[n,l,o]·HardTanh(w[o,k] − x[n,l,k]), in batch chunks of bounded memory.
+        grad_x = torch.empty_like(x)
+        n, l, k = x.shape
+        step = max(1, _CHUNK_ELEMENTS // (w.shape[0] * k * l))
+        for i in range(0, n, step):
+            diff = (w - x[i:i + step].unsqueeze(2)).clamp_(-1, 1)  # (n, L, O, K)
+            grad_x[i:i + step] = torch.matmul(g[i:i + step].unsqueeze(2), diff).squeeze(2)
+        return grad_x, grad_w, None
+
+
+class Adder2d(nn.Module):
+    """Drop-in replacement for ``nn.Conv2d`` (groups=1) computing the negative L1 distance.
+
+    ``weight_bits=8`` quantizes the weights (per tensor, symmetric) for the adder-int8 recipe; the
+    inputs are quantized by the activation quantizer placed in front of the layer.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                 bias: bool = False, eta: float = 0.2, weight_bits: int = 32) -> None:
+        super().__init__()
+        ks = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
+        self.eta, self.weight_bits = eta, weight_bits
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *ks))  # N(0, 1), as the paper
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def quant_weight(self) -> torch.Tensor:
+        return int_weight(self.weight, self.weight_bits)[0] if self.weight_bits <= 8 else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        oh = (h + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride).transpose(1, 2)
+        y = _AdderFn.apply(patches, self.quant_weight().flatten(1), self.eta)  # (N, L, O)
+        y = y.transpose(1, 2).reshape(n, -1, oh, ow)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride},"
+                f" padding={self.padding}, eta={self.eta}, weight_bits={self.weight_bits}")

@@ -1,0 +1,156 @@
+"""Recipes: small frozen dataclasses loaded from ``recipes/*.yaml`` with strict key and type checks."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qkit.errors import QkitError
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+BITS = (32, 16, 8, 4, 2, 1)
+_BY_BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "w4a8", 2: "w2a8", 1: "w1a8"}
+_ADDER_BY_BITS = {32: "adder", 8: "adder-int8"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation hyper-parameters: SGD (Nesterov momentum), cosine schedule, weight decay."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    shift_augment: int = 0          # random ±N pixel translations of training images
+    distill_alpha: float = 0.5      # weight of the KD loss when --teacher is given
+    distill_temperature: float = 4.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how: weight/activation bits, AdderNet, training and export settings."""
+
+    name: str
+    weight_bits: int = 32
+    act_bits: int = 32
+    first_last_bits: int = 8        # first conv and last linear stay at this weight precision
+    adder: bool = False
+    adder_eta: float = 0.2          # AdderNet adaptive learning-rate coefficient η
+    max_drop: float = 1.0           # accuracy gate (percentage points) used by `qkit check --baseline`
+    opset: int = 17
+    description: str = ""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight_bits >= 16 and not self.adder
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_bits <= 8 or self.act_bits <= 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return _checked(dataclasses.replace(self, **changes))
+
+
+def _checked(r: Recipe) -> Recipe:
+    if r.weight_bits not in BITS or r.act_bits not in BITS:
+        raise QkitError(f"recipe {r.name}: bits must be one of {BITS}, got w{r.weight_bits} a{r.act_bits}")
+    if r.weight_bits >= 16 and r.act_bits != r.weight_bits:
+        raise QkitError(f"recipe {r.name}: fp{r.weight_bits} weights need fp{r.weight_bits} activations")
+    if r.weight_bits <= 8 and r.act_bits >= 16:
+        raise QkitError(f"recipe {r.name}: integer weights need integer activations (act_bits 8, 4, 2 or 1)")
+    if r.adder and (r.weight_bits, r.act_bits) not in ((32, 32), (8, 8)):
+        raise QkitError(f"recipe {r.name}: AdderNet runs at 32 or 8 bits only")
+    if r.first_last_bits not in (8, 16, 32):
+        raise QkitError(f"recipe {r.name}: first_last_bits must be 8, 16 or 32")
+    t = r.train
+    if t.epochs < 0 or t.batch_size < 1 or t.lr <= 0 or not 0 <= t.distill_alpha <= 1:
+        raise QkitError(f"recipe {r.name}: epochs ≥ 0, batch_size ≥ 1, lr > 0 and 0 ≤ distill_alpha ≤ 1")
+    return r
+
+
+def _typed(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in data.items():
+        if key not in known:
+            raise QkitError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        kind = known[key].type
+        if kind == "TrainConfig":
+            if not isinstance(value, dict):
+                raise QkitError(f"{where}: 'train' must be a mapping")
+            out[key] = TrainConfig(**_typed(TrainConfig, value, f"{where} train"))
+            continue
+        want = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
+        if isinstance(value, bool) and kind != "bool" or not isinstance(value, want):
+            raise QkitError(f"{where}: {key} must be {kind}, got {type(value).__name__} {value!r}")
+        out[key] = float(value) if kind == "float" else value
+    return out
+
+
+def parse_recipe(text: str, where: str = "recipe") -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise QkitError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or "name" not in data:
+        raise QkitError(f"{where}: a recipe is a mapping with at least a 'name'")
+    return _checked(Recipe(**_typed(Recipe, data, where)))
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe by name (``recipes/NAME.yaml``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise QkitError(f"unknown recipe {name_or_path!r}; choose from {', '.join(list_recipes())} or a YAML path")
+    return parse_recipe(path.read_text(), str(path))
+
+
+def resolve_recipe(recipe: str | None = None, bits: int | None = None, act_bits: int | None = None,
+                   adder: bool = False) -> Recipe:
+    """Apply the CLI shorthands: ``--bits 2`` alone means w2a8, ``--adder`` the adder recipe at those bits."""
+    if bits is not None and bits not in BITS:
+        raise QkitError(f"--bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    if act_bits is not None and act_bits not in BITS:
+        raise QkitError(f"--act-bits must be one of {', '.join(map(str, BITS))}, got {act_bits}")
+    if recipe is None:
+        if adder:
+            b = 32 if bits is None else bits
+            if b not in _ADDER_BY_BITS:
+                raise QkitError(f"--adder runs at --bits 32 or 8, not {b}")
+            recipe = _ADDER_BY_BITS[b]
+        else:
+            recipe = _BY_BITS[32 if bits is None else bits]
+            if bits is not None and act_bits is not None and (RECIPES_DIR / f"w{bits}a{act_bits}.yaml").exists():
+                recipe = f"w{bits}a{act_bits}"
+    r = load_recipe(recipe)
+    changes: dict[str, Any] = {}
+    if adder and not r.adder:
+        raise QkitError(f"recipe {r.name} is not an AdderNet recipe; drop --adder or pick adder/adder-int8")
+    if bits is not None and bits != r.weight_bits:
+        changes["weight_bits"] = bits
+        changes["act_bits"] = bits if bits >= 16 else (r.act_bits if r.act_bits <= 8 else 8)
+    if act_bits is not None and act_bits != changes.get("act_bits", r.act_bits):
+        changes["act_bits"] = act_bits
+    if changes:
+        w, a = changes.get("weight_bits", r.weight_bits), changes.get("act_bits", r.act_bits)
+        changes["name"] = f"w{w}a{a}" if w <= 8 else f"fp{w}"
+        r = r.replace(**changes)
+    return r

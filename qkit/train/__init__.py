@@ -1,0 +1,217 @@
+"""Training: SGD (Nesterov momentum) with a cosine schedule, optional distillation, checkpoints and resume.
+
+The test split is evaluated after every epoch for reporting only; the final checkpoint is always the last
+epoch's, so test data never selects a model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+import qkit
+from qkit.data import Dataset, load_dataset
+from qkit.errors import QkitError
+from qkit.fileio import write_json, write_text
+from qkit.models import create_model, default_input_shape
+from qkit.quant import Recipe, quantize
+from qkit.train import checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits of ``model`` (eval mode, no_grad: Brevitas needs it rather than inference_mode)."""
+    model.eval()
+    out = [model(x[i:i + batch_size].to(device, dtype)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+def top1(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return round(100.0 * float((logits.argmax(1) == y).float().mean()), 2)
+
+
+def _shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ±``pixels`` in each direction (zero padding), per batch."""
+    if pixels <= 0:
+        return x
+    dy, dx = (int(v) for v in torch.randint(-pixels, pixels + 1, (2,), generator=gen))
+    padded = F.pad(x, (pixels, pixels, pixels, pixels))
+    h, w = x.shape[-2:]
+    return padded[..., pixels + dy:pixels + dy + h, pixels + dx:pixels + dx + w]
+
+
+def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    # No weight decay on BN, biases and learned quantizer scales (1-D parameters).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def _schedule(opt: torch.optim.Optimizer, cfg, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def default_run_dir(model: str, data: str, recipe: Recipe) -> Path:
+    data_name = data.split(":")[0]
+    return Path("runs") / f"{model.replace(':', '-').replace('.', '-')}-{data_name}-{recipe.name}"
+
+
+def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = None, *,
+          epochs: int | None = None, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
+          teacher: str | None = None, init: str | None = None, device: str = "cpu", resume: bool = False,
+          out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` on ``data`` with ``recipe``; writes the run directory and returns its metrics."""
+    from qkit.quant import load_recipe
+
+    recipe = recipe or load_recipe("fp32")
+    overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    if overrides:
+        import dataclasses
+        recipe = recipe.replace(train=dataclasses.replace(recipe.train, **overrides))
+    cfg = recipe.train
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QkitError("--device cuda: no CUDA device is available")
+    run = Path(out) if out else default_run_dir(model, data, recipe)
+    if not resume and (run / "last.pt").exists():
+        if not overwrite:
+            raise QkitError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(run)
+    if resume and not (run / "last.pt").exists():
+        raise QkitError(f"--resume: {run}/last.pt does not exist")
+    run.mkdir(parents=True, exist_ok=True)
+    log_file = open(run / "train.log", "a")
+
+    def say(msg: str) -> None:
+        log_file.write(msg + "\n")
+        log_file.flush()
+        if log:
+            log(msg)
+
+    ds = load_dataset(data, default_shape=default_input_shape(model))
+    seed_everything(seed)
+    net = create_model(model, ds.num_classes, ds.input_shape)
+    if init:
+        _load_init(net, init, model, ds)
+    net = quantize(net, recipe).to(device)
+    teacher_net = checkpoint.load_model(teacher)[0].to(device) if teacher else None
+    x_train, y_train = ds.split("train")
+    x_test, y_test = ds.split("test")
+    steps = math.ceil(len(x_train) / cfg.batch_size)
+    opt = _optimizer(net, cfg)
+    sched = _schedule(opt, cfg, steps)
+    use_amp = recipe.weight_bits == 16
+    amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_amp)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
+            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale,
+            "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
+    if resume:
+        state = checkpoint.load(run / "last.pt")
+        net.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        torch.set_rng_state(state["rng_torch"])
+        say(f"resumed from {run / 'last.pt'} after epoch {start_epoch}")
+    write_text(run / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    say(f"train {model} on {ds.name} ({len(x_train)} train / {len(x_test)} test) recipe {recipe.name} "
+        f"seed {seed} epochs {cfg.epochs} batch {cfg.batch_size} lr {cfg.lr} device {device}")
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)  # resumable shuffling
+        order = torch.randperm(len(x_train), generator=gen)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False,
+                   unit="step")
+        for step in bar:
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            xb = _shift(x_train[idx], cfg.shift_augment, gen).to(device)
+            yb = y_train[idx].to(device)
+            with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=use_amp):
+                logits = net(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                if teacher_net is not None:
+                    with torch.no_grad():
+                        t_logits = teacher_net(xb).float()
+                    temp = cfg.distill_temperature
+                    kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.softmax(t_logits / temp, 1),
+                                  reduction="batchmean") * temp * temp
+                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+            if not torch.isfinite(loss):
+                raise QkitError(f"training diverged: loss is {float(loss)} at epoch {epoch + 1} step {step + 1}; "
+                                f"{run}/last.pt keeps the last good epoch (try a lower --lr)")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total_loss += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+        logits = predict(net, x_test, device=device)
+        entry = {"epoch": epoch + 1, "train_loss": round(total_loss / max(1, seen), 5),
+                 "test_loss": round(float(F.cross_entropy(logits, y_test)), 5), "top1": top1(logits, y_test),
+                 "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.time() - t0, 2)}
+        history.append(entry)
+        say(json.dumps(entry))
+        checkpoint.save(run / "last.pt", {**meta, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+                                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                                          "epoch": epoch, "history": history, "rng_torch": torch.get_rng_state()})
+    net.eval()
+    logits = predict(net, x_test, device=device)
+    metrics = {"top1": top1(logits, y_test), "epochs": cfg.epochs, "recipe": recipe.name, "model": model,
+               "data": data, "seed": seed, "split": "test = index % 5 == 0" if ds.name in ("digits", "mnist5k")
+               else "official test split", "train_samples": len(x_train), "test_samples": len(x_test),
+               "init": init, "teacher": teacher, "seconds": round(time.time() - t0, 2),
+               "history": history}
+    checkpoint.save(run / "checkpoint.pt", {**meta, "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+                                            "top1": metrics["top1"]})
+    write_json(run / "metrics.json", metrics)
+    say(f"done: top1 {metrics['top1']:.2f}% on {len(x_test)} test images → {run}")
+    log_file.close()
+    return metrics
+
+
+def _load_init(net: nn.Module, init: str, model: str, ds: Dataset) -> None:
+    """Start from another run's float weights (QAT from an fp32 checkpoint)."""
+    ckpt = checkpoint.load(init)
+    if ckpt["model"] != model or list(ckpt["input_shape"]) != list(ds.input_shape) \
+            or len(ckpt["labels"]) != ds.num_classes:
+        raise QkitError(f"--init {init}: it is a {ckpt['model']} on {ckpt['input_shape']} inputs with "
+                        f"{len(ckpt['labels'])} classes, not {model} on {list(ds.input_shape)}")
+    if not checkpoint.recipe_from_dict(ckpt["recipe"]).is_float:
+        raise QkitError(f"--init {init}: start QAT from a float (fp32/fp16) run, not {ckpt['recipe']['name']}")
+    net.load_state_dict(ckpt["state_dict"])
