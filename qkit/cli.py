@@ -1,0 +1,223 @@
+"""The ``qkit`` command: a thin shell over the Python API (see DESIGN.md's command-line contract)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qkit.errors import QkitError
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _say(quiet: bool):
+    return None if quiet else (lambda msg: click.echo(msg, err=True))
+
+
+def _emit(as_json: bool, payload: Any, text: str) -> None:
+    click.echo(json.dumps(payload, indent=2) if as_json else text)
+
+
+def _csv_ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise QkitError(f"{name} takes comma-separated integers, got {value!r}") from None
+
+
+quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="qkit")
+def cli() -> None:
+    """Quantization-aware training, ONNX export, checking and benchmarking for edge inference.
+
+    Typical flow: qkit train → qkit export RUN → qkit check BUNDLE → qkit bench BUNDLE → qkit compare.
+    """
+
+
+@cli.command()
+@click.option("--model", default="lenet5", show_default=True, help="Registered model or pkg.module:factory.")
+@click.option("--data", default="mnist5k", show_default=True,
+              help="digits, mnist5k, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, imagefolder:DIR, npz:FILE, "
+                   "synthetic[:CxHxW].")
+@click.option("--recipe", default=None, help="Recipe name (see `qkit recipes`) or YAML path. [default: fp32]")
+@click.option("--bits", type=int, default=None, help="Weight bits 32/16/8/4/2/1 (2 alone means w2a8).")
+@click.option("--act-bits", type=int, default=None, help="Activation bits, overriding the recipe's.")
+@click.option("--adder", is_flag=True, help="AdderNet recipe at --bits 32 (adder) or 8 (adder-int8).")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="Override the recipe's epochs.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Override the recipe's batch size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override the peak learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--teacher", default=None, help="Run directory of a trained teacher for knowledge distillation.")
+@click.option("--init", default=None, help="Run directory of a float run to start QAT from.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True, help="Processes (DDP via torchrun).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
+@click.option("--out", default=None, help="Run directory. [default: runs/MODEL-DATA-RECIPE]")
+@quiet_opt
+@json_opt
+def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, seed, teacher, init, device, nproc,
+          resume, overwrite, out, quiet, as_json) -> None:
+    """Train a model with a quantization recipe; writes runs/NAME/ (checkpoint.pt, metrics.json, ...)."""
+    from qkit.quant import resolve_recipe
+    from qkit.train import train as run_train
+
+    if nproc > 1:
+        raise QkitError("--nproc > 1 (DDP through torchrun) is not available in this version; use --nproc 1")
+    r = resolve_recipe(recipe, bits, act_bits, adder)
+    metrics = run_train(model, data, r, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher,
+                        init=init, device=device, resume=resume, out=out, overwrite=overwrite,
+                        progress=_progress(quiet), log=_say(quiet or as_json))
+    summary = {k: v for k, v in metrics.items() if k != "history"}
+    _emit(as_json, summary, f"{metrics['recipe']}: top1 {metrics['top1']:.2f}% after {metrics['epochs']} epochs")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", default=None, help="Bundle directory. [default: export/RUN_NAME]")
+@click.option("--opset", type=int, default=None, help="ONNX opset (13-20). [default: the recipe's]")
+@click.option("--mobile", is_flag=True, help="Also write model.ort for ONNX Runtime Mobile.")
+@quiet_opt
+@json_opt
+def export(run, out, opset, mobile, quiet, as_json) -> None:
+    """Export a trained RUN to a bundle: model.onnx + manifest.json (+ model.ort)."""
+    from qkit.check import read_manifest
+    from qkit.export import export as run_export
+
+    bundle = run_export(run, out, opset, mobile)
+    m = read_manifest(bundle)
+    e = m["execution"]
+    _emit(as_json, {"bundle": str(bundle), **m},
+          f"{bundle}: {m['recipe']}, {m['files']['model.onnx']['bytes'] / 1024:.1f} KB, conv/matmul on int8 "
+          f"{e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']} kernels, torch top1 {m['top1']:.2f}%")
+
+
+@cli.command()
+@click.argument("bundle")
+@click.option("--baseline", default=None, help="Bundle or run to compare accuracy against (e.g. the fp32 one).")
+@click.option("--data", default=None, help="Dataset to evaluate on. [default: the one it was trained on]")
+@click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points. [default: recipe's]")
+@quiet_opt
+@json_opt
+def check(bundle, baseline, data, max_drop, quiet, as_json) -> None:
+    """Run BUNDLE in ONNX Runtime on the test split. Exit 0 pass, 1 gate failed, 2 bad input."""
+    from qkit.check import check as run_check
+
+    r = run_check(bundle, baseline, data, max_drop)
+    lines = [f"{r['recipe']}: top1 {r['top1']:.2f}% (ONNX Runtime, {r['test_samples']} test images)"]
+    if "parity" in r:
+        p = r["parity"]
+        lines.append(f"  parity with PyTorch: {p['agreement']:.2f}% same class (≥ {p['min_agreement']} needed), "
+                     f"max |Δlogit| {p['max_abs_logit_diff']:.4g}")
+    if "baseline" in r:
+        b = r["baseline"]
+        lines.append(f"  vs baseline {b['top1']:.2f}%: drop {b['drop']:+.2f} points (max {b['max_drop']})")
+    e = r["execution"]
+    lines.append(f"  conv/matmul nodes after ORT optimisation: int8 {e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']}")
+    lines.append("PASS" if r["passed"] else f"FAIL: {', '.join(r['failed'])}")
+    _emit(as_json, r, "\n".join(lines))
+    sys.exit(0 if r["passed"] else 1)
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True)
+@click.option("--runtime", default="ort-cpu", show_default=True, help="Comma-separated: ort-cpu, ort-mobile.")
+@click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts.")
+@click.option("--batch", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Minimum timed runs.")
+@click.option("--seconds", type=click.FloatRange(0), default=3.0, show_default=True, help="Time budget per config.")
+@click.option("--json", "json_file", default=None, help="Also write the results to this JSON file.")
+@quiet_opt
+def bench(bundles, runtime, threads, batch, warmup, runs, seconds, json_file, quiet) -> None:
+    """Latency (median/p90/p99), throughput, file size and peak memory of BUNDLES per runtime."""
+    from qkit.bench import bench as run_bench
+    from qkit.fileio import write_json
+
+    def show(row: dict[str, Any]) -> None:
+        if quiet:
+            return
+        head = f"{row['recipe']:<11} {row['runtime']:<10} t={row['threads']} b={row['batch']:<3}"
+        if row["status"] != "ok":
+            click.echo(f"{head} {row['status']}: {row['reason']}")
+        else:
+            click.echo(f"{head} median {row['median_ms']:.4f} ms  p90 {row['p90_ms']:.4f}  p99 {row['p99_ms']:.4f}  "
+                       f"{row['throughput_per_s']:.0f}/s  {row['file_bytes'] / 1024:.1f} KB  "
+                       f"RSS {row['peak_rss_mb']:.0f} MB  ({row['runs']} runs)")
+
+    rows = run_bench(list(bundles), tuple(r.strip() for r in runtime.split(",") if r.strip()),
+                     _csv_ints(threads, "--threads"), _csv_ints(batch, "--batch"), warmup, runs, seconds, show)
+    if json_file:
+        write_json(json_file, rows)
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True)
+@click.option("--out", default="reports/compare", show_default=True, help="Report directory.")
+@json_opt
+def compare(bundles, out, as_json) -> None:
+    """Table (Markdown, CSV, JSON) and accuracy-vs-latency plot of checked and benched BUNDLES."""
+    from qkit.report import compare as run_compare
+
+    r = run_compare(list(bundles), out)
+    _emit(as_json, r["rows"], r["markdown"] + f"\n\nreport: {Path(out) / 'report.md'}")
+
+
+@cli.command()
+@json_opt
+def recipes(as_json) -> None:
+    """List the recipes in recipes/."""
+    from qkit.quant import list_recipes, load_recipe
+
+    rs = [load_recipe(n) for n in list_recipes()]
+    _emit(as_json, [r.to_dict() for r in rs],
+          "\n".join(f"{r.name:<11} w{r.weight_bits:<2} a{r.act_bits:<2} {r.description}" for r in rs))
+
+
+@cli.command()
+@click.option("--data", default="mnist5k", show_default=True, help="Embedded dataset: mnist5k or digits.")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs per recipe. [default: demo plan]")
+@quiet_opt
+def demo(data, epochs, quiet) -> None:
+    """Train fp32, int8, w2a8, w1a8 and adder lenet5 models, export, check, bench and compare them."""
+    from qkit.demo import run_demo
+
+    table = run_demo(data, epochs, progress=_progress(quiet), log=_say(quiet))
+    click.echo(table)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except QkitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
