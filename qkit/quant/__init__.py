@@ -134,7 +134,9 @@ def quantize(model: nn.Module, recipe: Recipe) -> nn.Module:
                 u.replace_input_with(node, q)
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
             m = gm.get_submodule(node.target)
-            bits = recipe.first_last_bits if node in edge else recipe.weight_bits
+            bits = recipe.weight_bits
+            if node in edge and bits <= 8:  # float recipes (fp32 AdderNet) keep float edges
+                bits = max(bits, recipe.first_last_bits)
             is_adder = recipe.adder and node not in edge and isinstance(m, nn.Conv2d) and m.groups == 1
             _set_module(gm, node.target, _compute_layer(m, bits if bits <= 8 else 32, recipe, is_adder))
             src = node.args[0]

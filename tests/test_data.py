@@ -1,0 +1,123 @@
+"""Datasets: DESIGN.md's fixed splits on the embedded data, and the local-format readers."""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkit.data import load_dataset, read_idx
+from qkit.errors import QkitError
+
+
+def test_digits_fixed_split():
+    ds = load_dataset("digits")
+    assert (len(ds.x_train), len(ds.x_test)) == (1437, 360)
+    assert ds.input_shape == (1, 8, 8)
+    assert float(ds.x_train.max()) == 1.0 and float(ds.x_train.min()) == 0.0  # 0..16 scaled by 1/16
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    assert torch.equal(ds.y_test, torch.as_tensor(d.target[::5]))  # test = index % 5 == 0, file order
+
+
+def test_mnist5k_split_has_100_per_class():
+    ds = load_dataset("mnist5k")
+    assert (len(ds.x_train), len(ds.x_test)) == (4000, 1000)
+    assert ds.input_shape == (1, 28, 28)
+    assert torch.bincount(ds.y_test).tolist() == [100] * 10
+    x, _ = ds.split("train")
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2  # normalised with train stats
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_directory(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if gz else ""
+    for split, n in (("train", 30), ("t10k", 10)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28)), gz)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte{sfx}", np.arange(n) % 10, gz)
+    ds = load_dataset(f"fashion-mnist:{tmp_path}")
+    assert (len(ds.x_train), len(ds.x_test), ds.labels[9]) == (30, 10, "ankle boot")
+    assert load_dataset(f"mnist:{tmp_path}").y_test.tolist() == list(range(10))
+
+
+def test_truncated_idx_is_one_line_error(tmp_path):
+    _write_idx(tmp_path / "x", np.zeros((4, 28, 28)), gz=False)
+    (tmp_path / "x").write_bytes((tmp_path / "x").read_bytes()[:-5])
+    with pytest.raises(QkitError, match="payload"):
+        read_idx(tmp_path / "x")
+
+
+def test_cifar10_pickles(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}
+        (tmp_path / name).write_bytes(pickle.dumps(batch))
+    ds = load_dataset(f"cifar10:{tmp_path}")
+    assert (len(ds.x_train), ds.input_shape, ds.labels[0]) == (20, (3, 32, 32), "airplane")
+
+
+def test_cifar10_refuses_code_in_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(QkitError, match="not a CIFAR-10 batch"):
+        load_dataset(f"cifar10:{tmp_path}")
+
+
+def test_imagefolder_and_npz(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path / 'img'}")
+    assert (ds.labels, len(ds.x_test), ds.input_shape) == (["cat", "dog"], 2, (1, 12, 12))
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 8, 8), np.uint8), y=np.arange(10) % 3)
+    assert load_dataset(f"npz:{tmp_path / 'd.npz'}").num_classes == 3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nope", "unknown dataset"), ("mnist:/does/not/exist", "not a directory"), ("npz:/nope.npz", "not a file"),
+    ("synthetic:3x32", "CxHxW"), ("cifar10", "needs a directory")])
+def test_bad_specs(spec, message):
+    with pytest.raises(QkitError, match=message):
+        load_dataset(spec)
+
+
+def test_nan_and_bad_labels_rejected(tmp_path):
+    x = np.zeros((10, 4, 4), np.float32)
+    x[3, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.zeros(10, np.int64))
+    with pytest.raises(QkitError, match="NaN"):
+        load_dataset(f"npz:{tmp_path / 'nan.npz'}")
+    np.savez(tmp_path / "neg.npz", x=np.zeros((10, 4, 4), np.float32), y=-np.ones(10, np.int64))
+    with pytest.raises(QkitError, match="labels"):
+        load_dataset(f"npz:{tmp_path / 'neg.npz'}")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.binary(max_size=64))
+def test_idx_reader_never_crashes_on_garbage(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("idx") / "garbage"
+    path.write_bytes(blob)
+    try:
+        read_idx(path)
+    except QkitError:
+        pass

@@ -1,0 +1,103 @@
+"""Every recipe trains on real digits, exports to checked ONNX, and runs in ONNX Runtime in parity."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import qkit
+from qkit.errors import QkitError
+from tests.conftest import RECIPES
+
+CHANCE = 10.0
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_learns_exports_and_keeps_parity(bundles, name):
+    bundle = bundles[name]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    onnx.checker.check_model(onnx.load(bundle / "model.onnx"), full_check=True)
+    result = qkit.check(bundle)
+    floor = 50.0 if name == "w1a1" else 85.0  # digits after a few epochs; chance is 10 %
+    assert result["top1"] > floor > CHANCE
+    assert result["parity"]["agreement"] >= 99.5
+    assert abs(result["top1"] - manifest["top1"]) <= 0.6
+    assert json.loads((bundle / "check.json").read_text())["top1"] == result["top1"]
+
+
+@pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8"])
+def test_integer_recipes_run_on_integer_kernels(bundles, name):
+    report = json.loads((bundles[name] / "manifest.json").read_text())["execution"]
+    # Both convs and the hidden FC fuse into QLinearConv/QGemm; the float logits layer stays fp32.
+    assert report["int8"] == 3 and report["fp32"] == 1
+
+
+def test_fp16_bundle_stores_fp16_weights(bundles):
+    model = onnx.load(bundles["fp16"] / "model.onnx")
+    floats = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    assert floats and all(i.data_type == onnx.TensorProto.FLOAT16 for i in floats)
+    assert json.loads((bundles["fp16"] / "manifest.json").read_text())["input"]["dtype"] == "float16"
+
+
+def test_integer_bundles_are_smaller(bundles):
+    size = {n: (bundles[n] / "model.onnx").stat().st_size for n in ("fp32", "int8", "w1a8")}
+    assert size["int8"] < size["fp32"] / 3 and size["w1a8"] < size["fp32"] / 3
+
+
+def test_binary_bundle_weights_take_two_levels_per_channel(bundles):
+    model = onnx.load(bundles["w1a8"] / "model.onnx")
+    ints = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    hidden = [w for w in ints if w.ndim == 4][1]  # the second conv: binary
+    assert all(len(np.unique(ch)) <= 2 for ch in hidden)
+
+
+def test_adder_bundle_matches_pytorch_logits(bundles, runs):
+    result = qkit.check(bundles["adder"])
+    assert result["parity"]["agreement"] == 100.0
+    ref = np.load(bundles["adder"] / "reference.npz")["logits"]
+    assert result["parity"]["max_abs_logit_diff"] <= 1e-4 * np.abs(ref).max()
+    ops = json.loads((bundles["adder"] / "manifest.json").read_text())["execution"]["op_types"]
+    assert "Abs" in ops and "ReduceSum" in ops  # multiplication-free layer in standard operators
+
+
+def test_baseline_gate(bundles):
+    ok = qkit.check(bundles["int8"], baseline=str(bundles["fp32"]), max_drop=5.0)
+    assert ok["passed"] and abs(ok["baseline"]["drop"]) <= 5.0
+    strict = qkit.check(bundles["int8"], baseline=str(bundles["fp32"]), max_drop=-100.0)
+    assert not strict["passed"] and strict["failed"] == ["accuracy drop"]
+
+
+def test_tampered_bundle_is_refused(bundles, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundles["int8"], copy)
+    with open(copy / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(QkitError, match="sha256"):
+        qkit.check(copy)
+
+
+def test_reexport_replaces_bundle_atomically(runs, tmp_path, monkeypatch):
+    dest = qkit.export(runs["int8"], tmp_path / "b")
+    before = (dest / "manifest.json").read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sys.modules["qkit.export"], "execution_report", boom)  # fail after model.onnx
+    with pytest.raises(RuntimeError):
+        qkit.export(runs["int8"], tmp_path / "b")
+    assert (dest / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp directories left behind
+
+
+def test_mobile_export_writes_ort_format(runs, tmp_path):
+    bundle = qkit.export(runs["int8"], tmp_path / "m", mobile=True)
+    rows = qkit.bench([bundle], runtimes=("ort-cpu", "ort-mobile"), min_runs=5, max_seconds=0.05, warmup=1)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["executed"]["int8"] == 3 and rows[0]["peak_rss_mb"] < 200
