@@ -28,7 +28,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    shift_augment: int = 0          # random ±N pixel translations of training images
+    shift_augment: float = 0.0      # random translations up to this fraction of the image side
     distill_alpha: float = 0.5      # weight of the KD loss when --teacher is given
     distill_temperature: float = 4.0
 

@@ -48,8 +48,9 @@ def top1(logits: torch.Tensor, y: torch.Tensor) -> float:
     return round(100.0 * float((logits.argmax(1) == y).float().mean()), 2)
 
 
-def _shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ±``pixels`` in each direction (zero padding), per batch."""
+def _shift(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ±``fraction`` of the image side in each direction (zero padding), per batch."""
+    pixels = round(fraction * x.shape[-1])
     if pixels <= 0:
         return x
     dy, dx = (int(v) for v in torch.randint(-pixels, pixels + 1, (2,), generator=gen))
