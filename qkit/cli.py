@@ -72,14 +72,34 @@ def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, se
     from qkit.quant import resolve_recipe
     from qkit.train import train as run_train
 
-    if nproc > 1:
-        raise QkitError("--nproc > 1 (DDP through torchrun) is not available in this version; use --nproc 1")
     r = resolve_recipe(recipe, bits, act_bits, adder)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        sys.exit(_torchrun(nproc))
     metrics = run_train(model, data, r, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher,
                         init=init, device=device, resume=resume, out=out, overwrite=overwrite,
                         progress=_progress(quiet), log=_say(quiet or as_json))
+    if not metrics:  # a torchrun rank other than 0: rank 0 reports
+        return
     summary = {k: v for k, v in metrics.items() if k != "history"}
     _emit(as_json, summary, f"{metrics['recipe']}: top1 {metrics['top1']:.2f}% after {metrics['epochs']} epochs")
+
+
+def _torchrun(nproc: int) -> int:
+    """Re-run this very command under torchrun with ``nproc`` local processes (DDP, gloo on CPU)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:  # drop --nproc: torchrun's own parser would take it for --nproc-per-node
+        if skip or a.startswith("--nproc="):
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        else:
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "qkit.cli", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    return subprocess.run(cmd, env=env).returncode
 
 
 @cli.command()

@@ -31,6 +31,7 @@ class TrainConfig:
     shift_augment: float = 0.0      # random translations up to this fraction of the image side
     distill_alpha: float = 0.5      # weight of the KD loss when --teacher is given
     distill_temperature: float = 4.0
+    divergence_retries: int = 0     # on a non-finite loss: redo the epoch at half the lr, this many times
 
 
 @dataclass(frozen=True)
