@@ -38,11 +38,16 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 250, threads: int | None = None) -> np.ndarray:
+def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 250, threads: int | None = None,
+             basic: bool = False) -> np.ndarray:
+    """Logits from ONNX Runtime's CPU provider (``basic``: ORT_ENABLE_BASIC, for packed INT2/INT4 files)."""
     import onnxruntime as ort
 
+    so = session_options(threads)
+    if basic:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types on invalid models
         raise QkitError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     name = sess.get_inputs()[0].name
@@ -100,6 +105,13 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
         result["parity"] = {"agreement": agreement, "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6),
                             "torch_top1": manifest["top1"], "min_agreement": PARITY_MIN_AGREEMENT}
         parity_ok = agreement >= PARITY_MIN_AGREEMENT
+    shipping = manifest.get("roles", {}).get("shipping")
+    if shipping:  # the packed file must compute what model.onnx computes
+        packed = run_onnx(bundle / shipping["file"], x.astype(dtype), basic=True)
+        same = round(100.0 * float((packed.argmax(1) == logits.argmax(1)).mean()), 2)
+        result["packed"] = {"file": shipping["file"], "top1": _top1(packed, y), "agreement_with_runtime_file": same,
+                            "bytes": manifest["files"][shipping["file"]]["bytes"]}
+        parity_ok = parity_ok and same >= PARITY_MIN_AGREEMENT
     limit = manifest.get("max_drop", 1.0) if max_drop is None else max_drop
     drop_ok = True
     if baseline:

@@ -101,3 +101,19 @@ def test_mobile_export_writes_ort_format(runs, tmp_path):
     rows = qkit.bench([bundle], runtimes=("ort-cpu", "ort-mobile"), min_runs=5, max_seconds=0.05, warmup=1)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["executed"]["int8"] == 3 and rows[0]["peak_rss_mb"] < 200
+
+
+@pytest.mark.parametrize("name, dtype", [("w4a8", onnx.TensorProto.INT4), ("w4a4", onnx.TensorProto.INT4),
+                                         ("w2a8", onnx.TensorProto.INT2), ("w2a2", onnx.TensorProto.INT2),
+                                         ("w1a8", onnx.TensorProto.INT2)])
+def test_low_bit_weights_ship_packed_and_compute_the_same(bundles, name, dtype):
+    bundle = bundles[name]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["roles"]["runtime"] == "model.onnx" and manifest["roles"]["shipping"]["file"] == "model.packed.onnx"
+    packed = onnx.load(bundle / "model.packed.onnx")
+    onnx.checker.check_model(packed, full_check=True)
+    assert sum(i.data_type == dtype and len(i.dims) > 1 for i in packed.graph.initializer) == 2  # hidden layers
+    assert (bundle / "model.packed.onnx").stat().st_size < 0.5 * (bundle / "model.onnx").stat().st_size
+    result = qkit.check(bundle)
+    assert result["packed"]["agreement_with_runtime_file"] == 100.0 and result["passed"] in (True, False)
+    assert "parity" not in result["failed"]

@@ -20,8 +20,8 @@ import torch
 import qkit
 from qkit.data import load_dataset
 from qkit.errors import QkitError
-from qkit.export.lower import lower
-from qkit.export.onnx_passes import fold_weight_quantize, quantize_bias
+from qkit.export.lower import low_bit_layers, lower
+from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias
 from qkit.export.report import execution_report, session_options
 from qkit.fileio import sha256
 from qkit.quant import Recipe
@@ -29,10 +29,13 @@ from qkit.train import predict, top1
 from qkit.train.checkpoint import load_model, recipe_from_dict
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+PACKED = "model.packed.onnx"
 
 
-def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """Standard ONNX for ``model`` (batch dimension dynamic), checked with ``full_check``."""
+def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...],
+            opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
+    """Standard ONNX for ``model`` (batch dimension dynamic), and its packed low-bit twin when it has
+    ≤4-bit layers; both checked with ``full_check``."""
     deploy = lower(model, recipe)
     dtype = torch.float16 if recipe.weight_bits == 16 else torch.float32
     buf = io.BytesIO()
@@ -44,12 +47,17 @@ def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...]
     proto = onnx.load_from_string(buf.getvalue())
     if recipe.is_quantized:
         proto = quantize_bias(fold_weight_quantize(proto))
-    proto.producer_name, proto.producer_version = "qkit", qkit.__version__
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise QkitError(f"exported ONNX failed the checker: {str(exc).splitlines()[0]}") from None
-    return proto
+    layers = low_bit_layers(deploy)
+    packed = pack_low_bit(proto, layers) if layers else None
+    for p in (proto, packed):
+        if p is None:
+            continue
+        p.producer_name, p.producer_version = "qkit", qkit.__version__
+        try:
+            onnx.checker.check_model(p, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise QkitError(f"exported ONNX failed the checker: {str(exc).splitlines()[0]}") from None
+    return proto, packed
 
 
 def _write_mobile(bundle: Path) -> None:
@@ -72,7 +80,7 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
         raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
     dest = Path(out) if out else Path("export") / Path(run).name
     input_shape = tuple(meta["input_shape"])
-    proto = to_onnx(model, recipe, input_shape, opset)
+    proto, packed = to_onnx(model, recipe, input_shape, opset)
 
     ds = load_dataset(meta["data"], default_shape=input_shape)
     x_test, y_test = ds.split("test")
@@ -82,12 +90,14 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         onnx.save(proto, tmp / "model.onnx")
+        if packed is not None:
+            onnx.save(packed, tmp / PACKED)
         np.savez_compressed(tmp / "reference.npz", logits=ref_logits.numpy(), labels=y_test.numpy())
         if mobile:
             _write_mobile(tmp)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = build_manifest(meta, recipe, input_shape, top1(ref_logits, y_test), files, opset,
-                                  execution_report(tmp / "model.onnx"), run)
+                                  execution_report(tmp / "model.onnx"), run, packed)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_in(tmp, dest)
     finally:
@@ -96,7 +106,13 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
 
 
 def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int, ...], torch_top1: float,
-                   files: dict[str, Any], opset: int, report: dict[str, Any], run: str | Path) -> dict[str, Any]:
+                   files: dict[str, Any], opset: int, report: dict[str, Any], run: str | Path,
+                   packed: onnx.ModelProto | None) -> dict[str, Any]:
+    roles = {"runtime": "model.onnx"}
+    if packed is not None:
+        roles["shipping"] = {"file": PACKED, "opset": packed.opset_import[0].version,
+                             "note": "low-bit weights stored at their width (INT4/INT2); same math as model.onnx; "
+                                     "ONNX Runtime 1.32 loads it at ORT_ENABLE_BASIC only"}
     return {
         "format": "qkit-bundle-1",
         "input": {"name": INPUT_NAME, "shape": ["N", *input_shape],
@@ -107,7 +123,7 @@ def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int,
         "recipe": recipe.name, "weight_bits": recipe.weight_bits, "act_bits": recipe.act_bits,
         "adder": recipe.adder, "max_drop": recipe.max_drop,
         "model": meta["model"], "data": meta["data"], "seed": meta.get("seed"),
-        "top1": torch_top1, "files": files, "opset": opset,
+        "top1": torch_top1, "files": files, "opset": opset, "roles": roles,
         "execution": report, "source_run": str(run), "qkit_version": qkit.__version__,
     }
 

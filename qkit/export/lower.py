@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -53,8 +54,9 @@ class QuantWeightLayer(nn.Module):
     """Conv2d or Linear with integer weights and per-output-channel scales (BN already folded)."""
 
     def __init__(self, int_weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 conv: nn.Conv2d | None = None) -> None:
+                 conv: nn.Conv2d | None = None, bits: int = 8) -> None:
         super().__init__()
+        self.bits = bits
         # A negative folded scale (BN with γ < 0) flips that channel's integers instead. Low-bit integers
         # are then spread over the int8 range (w·k, s/k with k = ⌊127 / max|w_c|⌋): the float weights are
         # unchanged, but the int32 bias grid s_x·s_w becomes k times finer, which keeps ORT's integer
@@ -64,6 +66,7 @@ class QuantWeightLayer(nn.Module):
         k = torch.floor(127 / int_weight.abs().flatten(1).amax(1).clamp_min(1))
         scale = scale.abs() / k
         self.register_buffer("weight", int_weight * k.view(shape) * scale.view(shape))
+        self.register_buffer("k", k)
         self.register_buffer("scale", scale.float())
         self.register_buffer("zero_point", torch.zeros(len(scale), dtype=torch.int32))
         self.register_buffer("bias", bias)
@@ -112,16 +115,16 @@ def _bn_fold(bn: nn.Module | None, channels: int) -> tuple[torch.Tensor, torch.T
     return inv, bn.bias.detach() - bn.running_mean * inv
 
 
-def _int_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer-valued weight, per-output-channel scale) of a quantized layer."""
+def _int_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(integer-valued weight, per-output-channel scale, bits) of a quantized layer."""
     if isinstance(m, (BinaryConv2d, BinaryLinear)):
         _, alpha = m.quant_weight()
-        return torch.where(m.weight >= 0, 1.0, -1.0).detach(), alpha.detach()
+        return torch.where(m.weight >= 0, 1.0, -1.0).detach(), alpha.detach(), 1
     qw = m.quant_weight()
     scale = qw.scale.detach().flatten()
     if scale.numel() == 1:
         scale = scale.expand(m.weight.shape[0]).clone()
-    return qw.int().float().detach(), scale
+    return qw.int().float().detach(), scale, int(qw.bit_width)
 
 
 def _act(m: nn.Module) -> nn.Module:
@@ -159,9 +162,9 @@ def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
             if isinstance(m, Adder2d):
                 new = AdderDeploy(m, m.quant_weight().detach(), mult, bias * mult + shift)
             else:
-                w_int, scale = _int_weight(m)
+                w_int, scale, bits = _int_weight(m)
                 conv = m if isinstance(m, nn.Conv2d) else None
-                new = QuantWeightLayer(w_int, scale * mult, bias * mult + shift, conv)
+                new = QuantWeightLayer(w_int, scale * mult, bias * mult + shift, conv, bits)
             _replace(gm, node.target, new)
             if bn_node is not None:
                 bn_node.replace_all_uses_with(node)
@@ -169,6 +172,12 @@ def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def low_bit_layers(deploy: nn.Module) -> dict[str, tuple[int, np.ndarray]]:
+    """{ONNX weight name: (bits, k)} of the ≤4-bit layers of a lowered model, for packed storage."""
+    return {f"{name}.weight": (m.bits, m.k.numpy()) for name, m in deploy.named_modules()
+            if isinstance(m, QuantWeightLayer) and m.bits <= 4}
 
 
 def _replace(gm: fx.GraphModule, target: str, module: nn.Module) -> None:

@@ -32,9 +32,9 @@ def _broadcast(scale: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 
 def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """QuantizeLinear(float constant) → the integer constant it computes (stored as an initializer)."""
+    """QuantizeLinear(float constant W) → the integer constant it computes, named ``W_int``."""
     consts = _const_values(model)
-    keep, new_inits = [], []
+    keep, new_inits, renamed = [], [], {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] in consts and node.input[1] in consts:
             x, scale = consts[node.input[0]], consts[node.input[1]]
@@ -42,13 +42,49 @@ def fold_weight_quantize(model: onnx.ModelProto) -> onnx.ModelProto:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             info = np.iinfo(zp.dtype)
             q = np.rint(x / _broadcast(scale, x.ndim, axis)) + _broadcast(zp.astype(np.int64), x.ndim, axis)
-            new_inits.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zp.dtype), node.output[0]))
+            name = node.input[0] + "_int"
+            new_inits.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zp.dtype), name))
+            renamed[node.output[0]] = name
             continue
         keep.append(node)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
     del model.graph.node[:]
     model.graph.node.extend(keep)
     model.graph.initializer.extend(new_inits)
     return remove_unused(model)
+
+
+def pack_low_bit(model: onnx.ModelProto, layers: dict[str, tuple[int, np.ndarray]]) -> onnx.ModelProto:
+    """A copy whose ≤4-bit weights are stored at their width: INT4 (opset 21) or INT2 (opset 25).
+
+    ``layers`` maps a weight name to (bits, k): the runtime file stores w·k in int8 with scale s/k (see
+    :class:`qkit.export.lower.QuantWeightLayer`); here the true integers w and scale s are stored instead.
+    """
+    import ml_dtypes
+    from onnx import version_converter
+
+    need_int2 = any(bits <= 2 for bits, _ in layers.values())
+    packed = version_converter.convert_version(model, 25 if need_int2 else 21)
+    inits = {i.name: i for i in packed.graph.initializer}
+    for node in packed.graph.node:
+        if node.op_type != "DequantizeLinear" or not node.input[0].endswith("_int"):
+            continue
+        name = node.input[0]
+        if name[:-4] not in layers:
+            continue
+        bits, k = layers[name[:-4]]
+        w = numpy_helper.to_array(inits[name]).astype(np.int64)
+        shape = (-1,) + (1,) * (w.ndim - 1)
+        true = w // k.astype(np.int64).reshape(shape)
+        dtype = ml_dtypes.int2 if bits <= 2 else ml_dtypes.int4
+        scale = numpy_helper.to_array(inits[node.input[1]]) * k.astype(np.float32)
+        inits[name].CopyFrom(numpy_helper.from_array(true.astype(dtype), name))
+        packed.graph.initializer.extend([numpy_helper.from_array(scale.astype(np.float32), name + "_scale"),
+                                         numpy_helper.from_array(np.zeros(len(k), dtype), name + "_zp")])
+        node.input[1], node.input[2] = name + "_scale", name + "_zp"
+    return remove_unused(packed)
 
 
 def quantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
