@@ -32,8 +32,8 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
 @pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8"])
 def test_integer_recipes_run_on_integer_kernels(bundles, name):
     report = json.loads((bundles[name] / "manifest.json").read_text())["execution"]
-    # Both convs and the hidden FC fuse into QLinearConv/QGemm; the float logits layer stays fp32.
-    assert report["int8"] == 3 and report["fp32"] == 1
+    # Both convs and both FCs run as QLinearConv/QGemm (the logits QGemm with float output).
+    assert report["int8"] == 4 and report["fp32"] == 0
 
 
 def test_fp16_bundle_stores_fp16_weights(bundles):
@@ -100,7 +100,7 @@ def test_mobile_export_writes_ort_format(runs, tmp_path):
     bundle = qkit.export(runs["int8"], tmp_path / "m", mobile=True)
     rows = qkit.bench([bundle], runtimes=("ort-cpu", "ort-mobile"), min_runs=5, max_seconds=0.05, warmup=1)
     assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert rows[0]["executed"]["int8"] == 3 and rows[0]["peak_rss_mb"] < 200
+    assert rows[0]["executed"]["int8"] == 4 and rows[0]["peak_rss_mb"] < 200
 
 
 @pytest.mark.parametrize("name, dtype", [("w4a8", onnx.TensorProto.INT4), ("w4a4", onnx.TensorProto.INT4),

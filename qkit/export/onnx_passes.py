@@ -20,6 +20,8 @@ def _const_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             for attr in node.attribute:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in values:  # the exporter's deduplicated constants
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
@@ -85,6 +87,30 @@ def pack_low_bit(model: onnx.ModelProto, layers: dict[str, tuple[int, np.ndarray
                                          numpy_helper.from_array(np.zeros(len(k), dtype), name + "_zp")])
         node.input[1], node.input[2] = name + "_scale", name + "_zp"
     return remove_unused(packed)
+
+
+def requantize_after_moves(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give a Conv/Gemm whose input reaches it through MaxPool/Flatten/Reshape its own Q→DQ with the
+    upstream DQ's parameters (exact: the values are still on that grid), so ORT sees DQ→Gemm and fuses."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes = []
+    for node in model.graph.node:
+        src = producer.get(node.input[0]) if node.op_type in ("Conv", "Gemm", "MatMul") else None
+        if src is not None and src.op_type in _PASS_THROUGH:
+            dq = src
+            while dq is not None and dq.op_type in _PASS_THROUGH:
+                dq = producer.get(dq.input[0])
+            if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) == 3:
+                name = node.input[0]
+                nodes.append(helper.make_node("QuantizeLinear", [name, dq.input[1], dq.input[2]], [name + "_rq"],
+                                              name=name + "_requantize"))
+                nodes.append(helper.make_node("DequantizeLinear", [name + "_rq", dq.input[1], dq.input[2]],
+                                              [name + "_rdq"], name=name + "_dequantize"))
+                node.input[0] = name + "_rdq"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def quantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:

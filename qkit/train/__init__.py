@@ -53,8 +53,8 @@ def top1(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _shift(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """Random translation by up to ±``fraction`` of the image side in each direction (zero padding), per batch."""
-    pixels = round(fraction * x.shape[-1])
+    """Random translation by up to ±⌊fraction·side⌋ pixels in each direction (zero padding), per batch."""
+    pixels = int(fraction * x.shape[-1])
     if pixels <= 0:
         return x
     dy, dx = (int(v) for v in torch.randint(-pixels, pixels + 1, (2,), generator=gen))
