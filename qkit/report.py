@@ -11,7 +11,7 @@ from qkit.check import read_manifest
 from qkit.fileio import atomic_path, write_json, write_text
 
 COLUMNS = ["recipe", "model", "weight_bits", "act_bits", "adder", "top1_onnx", "top1_torch", "drop", "agreement",
-           "int8_nodes", "fp32_nodes", "size_kb", "latency_ms", "p99_ms", "speedup_vs_fp32", "peak_rss_mb", "bundle"]
+           "int8_nodes", "fp32_nodes", "size_kb", "ship_kb", "latency_ms", "p99_ms", "speedup_vs_fp32", "peak_rss_mb", "bundle"]
 
 
 def _read(path: Path) -> Any:
@@ -35,7 +35,10 @@ def collect(bundles: list[str | Path], runtime: str = "ort-cpu") -> list[dict[st
             "adder": m["adder"], "top1_onnx": chk.get("top1"), "top1_torch": m["top1"],
             "drop": chk.get("baseline", {}).get("drop"), "agreement": chk.get("parity", {}).get("agreement"),
             "int8_nodes": m["execution"]["int8"], "fp32_nodes": m["execution"]["fp32"],
-            "size_kb": round(m["files"]["model.onnx"]["bytes"] / 1024, 1), "latency_ms": b.get("median_ms"),
+            "size_kb": round(m["files"]["model.onnx"]["bytes"] / 1024, 1),
+            "ship_kb": round(m["files"][m.get("roles", {}).get("shipping", {}).get("file", "model.onnx")]["bytes"]
+                             / 1024, 1),
+            "latency_ms": b.get("median_ms"),
             "p99_ms": b.get("p99_ms"), "speedup_vs_fp32": None, "peak_rss_mb": b.get("peak_rss_mb"),
             "bundle": str(bundle)})
     base = next((r for r in rows if r["recipe"] == "fp32" and r["latency_ms"]), None)
@@ -50,15 +53,15 @@ def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     pts = [r for r in rows if r["top1_onnx"] is not None and r["latency_ms"]]
 
     def dominates(a, b):
-        ge = a["top1_onnx"] >= b["top1_onnx"] and a["latency_ms"] <= b["latency_ms"] and a["size_kb"] <= b["size_kb"]
-        gt = a["top1_onnx"] > b["top1_onnx"] or a["latency_ms"] < b["latency_ms"] or a["size_kb"] < b["size_kb"]
+        ge = a["top1_onnx"] >= b["top1_onnx"] and a["latency_ms"] <= b["latency_ms"] and a["ship_kb"] <= b["ship_kb"]
+        gt = a["top1_onnx"] > b["top1_onnx"] or a["latency_ms"] < b["latency_ms"] or a["ship_kb"] < b["ship_kb"]
         return ge and gt
 
     return [r for r in pts if not any(dominates(o, r) for o in pts if o is not r)]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    cols = ["recipe", "top1_onnx", "drop", "agreement", "int8_nodes", "fp32_nodes", "size_kb", "latency_ms",
+    cols = ["recipe", "top1_onnx", "drop", "agreement", "int8_nodes", "fp32_nodes", "size_kb", "ship_kb", "latency_ms",
             "p99_ms", "speedup_vs_fp32", "pareto"]
     front = {r["bundle"] for r in pareto(rows)}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -76,24 +79,27 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.ticker
 
     pts = [r for r in rows if r["top1_onnx"] is not None and r["latency_ms"]]
-    front = sorted(pareto(rows), key=lambda r: r["latency_ms"])
+    front = {r["bundle"] for r in pareto(rows)}
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
-    biggest = max((r["size_kb"] for r in pts), default=1)
+    biggest = max((r["ship_kb"] for r in pts), default=1)
     for i, r in enumerate(sorted(pts, key=lambda r: (r["latency_ms"], r["top1_onnx"]))):
-        ax.scatter(r["latency_ms"], r["top1_onnx"], s=40 + 600 * r["size_kb"] / biggest, alpha=0.6,
-                   edgecolors="black", linewidths=0.6)
-        ax.annotate(f"{r['recipe']} ({r['size_kb']:.0f} KB)", (r["latency_ms"], r["top1_onnx"]),
-                    textcoords="offset points", xytext=(6, 10 - 14 * (i % 3)), fontsize=8)
+        on_front = r["bundle"] in front
+        ax.scatter(r["latency_ms"], r["top1_onnx"], s=40 + 600 * r["ship_kb"] / biggest, alpha=0.6,
+                   edgecolors="tab:red" if on_front else "black", linewidths=2.0 if on_front else 0.6)
+        ax.annotate(f"{r['recipe']} ({r['ship_kb']:.0f} KB)", (r["latency_ms"], r["top1_onnx"]),
+                    textcoords="offset points", xytext=(8, 10 - 14 * (i % 3)), fontsize=8)
     if front:
-        ax.plot([r["latency_ms"] for r in front], [r["top1_onnx"] for r in front], "--", color="tab:red",
-                label="Pareto front (accuracy, latency, size)")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.scatter([], [], s=60, facecolors="none", edgecolors="tab:red", linewidths=2.0,
+                   label="Pareto front (no bundle is better on accuracy, latency and size)")
+        ax.legend(loc="best", fontsize=8)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.margins(x=0.15, y=0.1)
     ax.set_xlabel("ONNX Runtime CPU latency, batch 1, median (ms, log scale)")
     ax.set_ylabel("top-1 of the exported model on the test split (%)")
-    ax.set_title("Accuracy vs latency (marker area ∝ model file size)")
+    ax.set_title("Accuracy vs latency (marker area ∝ shipped file size)")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -117,7 +123,8 @@ def compare(bundles: list[str | Path], out: str | Path = "reports/compare") -> d
     write_text(out / "report.md", "# qkit comparison\n\n" + table + "\n\n"
                "top1_onnx: ONNX Runtime on the test split (`qkit check`); drop: vs the --baseline given to check; "
                "agreement: % of test images where ONNX and PyTorch agree; int8/fp32_nodes: conv/matmul nodes per "
-               "kernel type after ORT optimisation; latency: ort-cpu batch 1, median.\n\n"
+               "kernel type after ORT optimisation; size_kb: model.onnx (the runtime file); ship_kb: the smallest "
+               "file to download (model.packed.onnx for ≤4-bit weights); latency: ort-cpu batch 1, median.\n\n"
                f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
                f"onnxruntime {machine.get('onnxruntime', '?')}.\n\n![accuracy vs latency](accuracy_vs_latency.png)\n")
     return {"rows": rows, "markdown": table, "out": str(out)}
