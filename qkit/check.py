@@ -27,7 +27,8 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
-        manifest["input"]["shape"], manifest["output"]["labels"]
+        if not (manifest["input"]["shape"] and manifest["output"]["labels"] and "model.onnx" in files):
+            raise KeyError("input.shape, output.labels or files['model.onnx']")
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise QkitError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
     if verify:

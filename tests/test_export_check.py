@@ -29,7 +29,7 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
     assert json.loads((bundle / "check.json").read_text())["top1"] == result["top1"]
 
 
-@pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8"])
+@pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1"])
 def test_integer_recipes_run_on_integer_kernels(bundles, name):
     report = json.loads((bundles[name] / "manifest.json").read_text())["execution"]
     # Both convs and both FCs run as QLinearConv/QGemm (the logits QGemm with float output).

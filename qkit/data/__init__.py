@@ -207,7 +207,7 @@ def _imagefolder(arg: str | None) -> Dataset:
         raise QkitError(f"imagefolder: {arg!r} is not a directory")
     root = Path(arg)
 
-    def scan(d: Path) -> tuple[list[Path], list[str]]:
+    def scan(d: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         classes = sorted(p.name for p in d.iterdir() if p.is_dir())
         return classes, [(f, i) for i, c in enumerate(classes) for f in sorted((d / c).iterdir()) if f.is_file()]
 

@@ -14,40 +14,41 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct
+from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct, is_pass_through
 
 
 class QuantAct(nn.Module):
-    """y = s·(clamp(round(x/s) + zp, 0, 2^b − 1) − zp), optionally after ReLU, written as uint8 Q/DQ.
+    """y = s·(clamp(round(x/s) + zp, 0, L − 1) − zp) for L levels, optionally after ReLU, as uint8 Q/DQ.
 
-    Below 8 bits the range limit is not a Clip (a Clip between Conv and Q blocks ORT's fusion): a second uint8
-    Q/DQ with zero point 255 − (2^b − 1 − zp) saturates exactly at the top level, and the first one's
-    zero point saturates at the bottom. Both are exact because every value is already on the grid.
+    Below 256 levels the range limit is not a Clip (a Clip between Conv and Q blocks ORT's fusion): a
+    second uint8 Q/DQ with zero point 255 − (L − 1 − zp) saturates exactly at the top level, and the first
+    one's zero point saturates at the bottom. Both are exact because every value is already on the grid.
     """
 
-    def __init__(self, scale: float, zero_point: int, bits: int, relu: bool) -> None:
+    def __init__(self, scale: float, zero_point: int, levels: int, relu: bool) -> None:
         super().__init__()
-        self.scale, self.zero_point, self.bits, self.relu = float(scale), int(zero_point), bits, relu
+        self.scale, self.zero_point, self.levels, self.relu = float(scale), int(zero_point), levels, relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.relu:
             x = torch.relu(x)
         x = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
-        if self.bits < 8:
+        if self.levels < 256:
             # A value-preserving op between the pairs stops ORT's DoubleQDQPairsRemover from merging
             # them into one pair with a finer, recomputed scale (which is not exact).
             x = torch.relu(x) if self.zero_point == 0 else torch.clamp_min(x, -self.zero_point * self.scale)
-            top = 255 - (2 ** self.bits - 1 - self.zero_point)
+            top = 255 - (self.levels - 1 - self.zero_point)
             x = torch.fake_quantize_per_tensor_affine(x, self.scale, top, 0, 255)
         return x
 
 
-class BinaryAct(nn.Module):
-    """±1 activations, then an exact uint8 Q/DQ (scale 1, zero point 1) so the next layer sees integers."""
+# Binary activations are exported as ±ε (three uint8 levels −ε, 0, +ε with ε tiny, so 0 needs |x| < ε/2)
+# and the consuming layer's weight scale is divided by ε: then conv → Q → DQ → conv stays fusable.
+BINARY_EPS = 2.0**-14
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-        return torch.fake_quantize_per_tensor_affine(x, 1.0, 1, 0, 255)
+
+def binary_act() -> QuantAct:
+    return QuantAct(BINARY_EPS, 1, 3, relu=False)
 
 
 class QuantWeightLayer(nn.Module):
@@ -129,11 +130,20 @@ def _int_weight(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 def _act(m: nn.Module) -> nn.Module:
     if isinstance(m, SignAct):
-        return BinaryAct()
+        return binary_act()
     aq = m.act_quant
     zp = float(aq.zero_point().detach().flatten()[0]) if aq.zero_point() is not None else 0.0
-    return QuantAct(float(aq.scale().detach().flatten()[0]), round(zp), int(aq.bit_width()),
+    return QuantAct(float(aq.scale().detach().flatten()[0]), round(zp), 2 ** int(aq.bit_width()),
                     relu=type(m).__name__ == "QuantReLU")
+
+
+def _binary_source(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Is ``node``'s input, through value-moving ops, a binary activation (±ε)?"""
+    src = node.args[0]
+    while isinstance(src, fx.Node) and is_pass_through(src, gm):
+        src = src.args[0]
+    return (isinstance(src, fx.Node) and src.op == "call_module"
+            and getattr(gm.get_submodule(src.target), "scale", None) == BINARY_EPS)
 
 
 def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -165,6 +175,9 @@ def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
                 w_int, scale, bits = _int_weight(m)
                 conv = m if isinstance(m, nn.Conv2d) else None
                 new = QuantWeightLayer(w_int, scale * mult, bias * mult + shift, conv, bits)
+            if isinstance(new, QuantWeightLayer) and _binary_source(node, gm):
+                new.weight /= BINARY_EPS  # its input arrives as ±ε instead of ±1
+                new.scale /= BINARY_EPS
             _replace(gm, node.target, new)
             if bn_node is not None:
                 bn_node.replace_all_uses_with(node)

@@ -23,7 +23,7 @@ from qkit.quant.layers import BinaryConv2d, BinaryLinear, SignAct
 from qkit.quant.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 
 __all__ = ["quantize", "Recipe", "load_recipe", "resolve_recipe", "parse_recipe", "list_recipes",
-           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "weight_layers"]
+           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "weight_layers", "is_pass_through"]
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -84,6 +84,12 @@ def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 
 def _is(node: fx.Node, gm: fx.GraphModule, kinds) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), kinds)
+
+
+def is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Does ``node`` only move or select values (so a quantized input stays quantized)?"""
+    return (_is(node, gm, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCS)
+            or (node.op == "call_method" and node.target in _PASS_METHODS))
 
 
 def weight_layers(model: nn.Module) -> list[nn.Module]:
@@ -156,8 +162,7 @@ def quantize(model: nn.Module, recipe: Recipe) -> nn.Module:
             for src in list(srcs):
                 if isinstance(src, fx.Node):
                     node.replace_input_with(src, quantized_input(src, recipe.act_bits))
-        elif (_is(node, gm, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCS)
-              or (node.op == "call_method" and node.target in _PASS_METHODS)):
+        elif is_pass_through(node, gm):
             if node.args and node.args[0] in quantized:
                 quantized.add(node)
     graph.lint()

@@ -29,7 +29,7 @@ from qkit.data import Dataset, load_dataset
 from qkit.errors import QkitError
 from qkit.fileio import write_json, write_text
 from qkit.models import create_model, default_input_shape
-from qkit.quant import Recipe, quantize
+from qkit.quant import Recipe, load_recipe, quantize
 from qkit.train import checkpoint
 
 
@@ -151,8 +151,6 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a
     DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files.
     """
-    from qkit.quant import load_recipe
-
     recipe = recipe or load_recipe("fp32")
     overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     if overrides:
