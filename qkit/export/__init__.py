@@ -20,7 +20,7 @@ import torch
 import qkit
 from qkit.data import load_dataset
 from qkit.errors import QkitError
-from qkit.export.lower import low_bit_layers, lower
+from qkit.export.lower import BINARY_EPS, low_bit_layers, lower
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
 from qkit.export.report import execution_report, session_options
 from qkit.fileio import sha256
@@ -46,7 +46,7 @@ def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...]
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
     if recipe.is_quantized:
-        proto = quantize_bias(requantize_after_moves(fold_weight_quantize(proto)))
+        proto = quantize_bias(requantize_after_moves(fold_weight_quantize(proto)), sign_eps=BINARY_EPS)
     layers = low_bit_layers(deploy)
     packed = pack_low_bit(proto, layers) if layers else None
     for p in (proto, packed):

@@ -44,7 +44,7 @@ class QuantAct(nn.Module):
 
 # Binary activations are exported as ±ε (three uint8 levels −ε, 0, +ε with ε tiny, so 0 needs |x| < ε/2)
 # and the consuming layer's weight scale is divided by ε: then conv → Q → DQ → conv stays fusable.
-BINARY_EPS = 2.0**-14
+BINARY_EPS = 2.0**-20
 
 
 def binary_act() -> QuantAct:

@@ -113,10 +113,35 @@ def requantize_after_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def quantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Float bias of a Conv/Gemm fed by DQ(x) and DQ(int weight) → DQ(int32 bias, s_x·s_w)."""
+def _feeds_sign(node, users, consts, sign_eps: float | None) -> bool:
+    """Is the layer's only consumer the Q of a binary activation (scale ``sign_eps``)?"""
+    nxt = users.get(node.output[0], [])
+    return (sign_eps is not None and len(nxt) == 1 and nxt[0].op_type == "QuantizeLinear"
+            and nxt[0].input[1] in consts and float(consts[nxt[0].input[1]]) == sign_eps)
+
+
+def _sign_exact_bias(b: np.ndarray, w_int: np.ndarray) -> np.ndarray:
+    """Int32 bias (in accumulator units) that keeps sign(acc + b) exact for every reachable accumulator.
+
+    With ±1 (or integer) inputs, a channel's accumulator is a multiple of g, the gcd of its integer weights.
+    sign(acc + b) ≥ 0 ⟺ acc ≥ g·⌈−b/g⌉ = g·T; the integer bias −g·T + ⌊g/2⌋ gives the same signs, never 0,
+    whereas rounding b would move the threshold for channels whose b sits near a multiple of g.
+    """
+    g = np.gcd.reduce(np.abs(w_int.reshape(len(b), -1).astype(np.int64)), axis=1)
+    t = np.ceil(-b / np.maximum(g, 1))
+    return np.where(g >= 2, -g * t + g // 2, np.rint(b))
+
+
+def quantize_bias(model: onnx.ModelProto, sign_eps: float | None = None) -> onnx.ModelProto:
+    """Float bias of a Conv/Gemm fed by DQ(x) and DQ(int weight) → DQ(int32 bias, s_x·s_w).
+
+    Layers feeding a binary activation (Q with scale ``sign_eps``) get a bias that preserves every sign."""
     consts = _const_values(model)
     producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
     new_nodes, new_inits = [], []
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
@@ -132,7 +157,10 @@ def quantize_bias(model: onnx.ModelProto) -> onnx.ModelProto:
         s_w = consts[dq_w.input[1]].astype(np.float64).reshape(-1)
         bias = consts[node.input[2]].astype(np.float64)
         scale = (s_x * s_w * np.ones_like(bias)).astype(np.float32)
-        b_int = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        b_int = np.rint(bias / scale)
+        if _feeds_sign(node, users, consts, sign_eps):
+            b_int = _sign_exact_bias(bias / scale, consts[dq_w.input[0]])
+        b_int = np.clip(b_int, -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2] + "_int32"
         new_inits += [numpy_helper.from_array(b_int, base), numpy_helper.from_array(scale, base + "_scale"),
                       numpy_helper.from_array(np.zeros_like(b_int), base + "_zp")]
