@@ -97,3 +97,13 @@ def test_user_model_with_depthwise_concat_and_other_activations(tmp_path, monkey
     q = qkit.quantize(model, resolve_recipe(bits=4))
     assert len(_layers(q, qnn.QuantConv2d)) == 3
     assert q(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+
+def test_adder_input_gradient_routes_agree():
+    from qkit.quant.adder import _grad_x, _grad_x_eager, _grad_x_fused
+
+    torch.manual_seed(1)
+    x, w, g = torch.randn(3, 7, 20), torch.randn(5, 20), torch.randn(3, 7, 5)
+    ref = _grad_x_fused(x, w, g)  # the formula, eager
+    assert torch.allclose(_grad_x_eager(x, w, g), ref, atol=1e-5)  # chunked fallback
+    assert torch.allclose(_grad_x(x, w, g), ref, atol=1e-5)  # torch.compile route (or its fallback)

@@ -10,6 +10,7 @@ Adaptive learning rate: the weight gradient of each layer is rescaled to η·√
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,40 @@ from torch import nn
 
 from qkit.quant.quantizers import int_weight
 
-# Bound on the N×O×K×L elements the input gradient materialises at once (about 64 MB of fp32).
+# Bound on the N×O×K×L elements the eager input gradient materialises at once (about 64 MB of fp32).
 _CHUNK_ELEMENTS = 16 * 2**20
+_compiled: list = []  # [fn] once torch.compile succeeded, [None] when it is unavailable or disabled
+
+
+def _grad_x_eager(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    grad_x = torch.empty_like(x)
+    n, l, k = x.shape
+    step = max(1, _CHUNK_ELEMENTS // (w.shape[0] * k * l))
+    for i in range(0, n, step):
+        diff = (w - x[i:i + step].unsqueeze(2)).clamp_(-1, 1)  # (n, L, O, K)
+        grad_x[i:i + step] = torch.matmul(g[i:i + step].unsqueeze(2), diff).squeeze(2)
+    return grad_x
+
+
+def _grad_x_fused(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return (g.unsqueeze(-1) * (w - x.unsqueeze(2)).clamp(-1, 1)).sum(2)
+
+
+def _grad_x(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """dX[n,l,k] = Σ_o g[n,l,o]·HardTanh(w[o,k] − x[n,l,k]).
+
+    torch.compile fuses this into one loop without the N×L×O×K intermediate (about 10× faster than the
+    chunked eager version on a LeNet layer); without a working compiler, or with QKIT_NO_COMPILE=1, the
+    chunked eager version runs instead.
+    """
+    if not _compiled:
+        _compiled.append(None if os.environ.get("QKIT_NO_COMPILE") else torch.compile(_grad_x_fused, dynamic=True))
+    if _compiled[0] is not None and x.device.type == "cpu":
+        try:
+            return _compiled[0](x, w, g)
+        except Exception:  # inductor needs a C++ toolchain; fall back rather than fail training
+            _compiled[0] = None
+    return _grad_x_eager(x, w, g)
 
 
 class _AdderFn(torch.autograd.Function):
@@ -36,14 +69,7 @@ class _AdderFn(torch.autograd.Function):
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_w = g2.t() @ x2 - w * g2.sum(0).unsqueeze(1)
         grad_w = grad_w * (ctx.eta * math.sqrt(w.numel()) / grad_w.norm().clamp_min(1e-12))
-        # dX[n,l,k] = Σ_o g[n,l,o]·HardTanh(w[o,k] − x[n,l,k]), in batch chunks of bounded memory.
-        grad_x = torch.empty_like(x)
-        n, l, k = x.shape
-        step = max(1, _CHUNK_ELEMENTS // (w.shape[0] * k * l))
-        for i in range(0, n, step):
-            diff = (w - x[i:i + step].unsqueeze(2)).clamp_(-1, 1)  # (n, L, O, K)
-            grad_x[i:i + step] = torch.matmul(g[i:i + step].unsqueeze(2), diff).squeeze(2)
-        return grad_x, grad_w, None
+        return _grad_x(x.contiguous(), w, g.contiguous()), grad_w, None
 
 
 class Adder2d(nn.Module):
