@@ -14,7 +14,7 @@ from qkit.train import train
 
 # recipe → (epochs, start from the fp32 run?): QAT recipes fine-tune the fp32 weights, AdderNet trains
 # from scratch (its layers have no fp32 counterpart to copy).
-PLAN = {"fp32": (15, False), "int8": (6, True), "w2a8": (8, True), "w1a8": (8, True), "adder": (8, False)}
+PLAN = {"fp32": (15, False), "int8": (6, True), "w2a8": (8, True), "w1a8": (8, True), "adder": (15, False)}
 
 
 def run_demo(data: str = "mnist5k", epochs: int | None = None, progress: bool = True,
