@@ -23,7 +23,7 @@ from qkit.quant.layers import BinaryConv2d, BinaryLinear, SignAct
 from qkit.quant.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 
 __all__ = ["quantize", "Recipe", "load_recipe", "resolve_recipe", "parse_recipe", "list_recipes",
-           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "weight_layers", "is_pass_through"]
+           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "is_pass_through"]
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -90,10 +90,6 @@ def is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Does ``node`` only move or select values (so a quantized input stays quantized)?"""
     return (_is(node, gm, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCS)
             or (node.op == "call_method" and node.target in _PASS_METHODS))
-
-
-def weight_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, Adder2d))]
 
 
 def quantize(model: nn.Module, recipe: Recipe) -> nn.Module:
