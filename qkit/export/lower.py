@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct, is_pass_through
+from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct, is_pass_through, set_module
 
 
 class QuantAct(nn.Module):
@@ -160,7 +160,7 @@ def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
             continue
         m = gm.get_submodule(node.target)
         if isinstance(m, (qnn.QuantReLU, qnn.QuantIdentity, SignAct)):
-            _replace(gm, node.target, _act(m))
+            set_module(gm, node.target, _act(m))
         elif isinstance(m, weighted):
             bn_node = next(iter(node.users)) if len(node.users) == 1 else None
             bn = gm.get_submodule(bn_node.target) if bn_node is not None and bn_node.op == "call_module" else None
@@ -178,7 +178,7 @@ def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
             if isinstance(new, QuantWeightLayer) and _binary_source(node, gm):
                 new.weight /= BINARY_EPS  # its input arrives as ±ε instead of ±1
                 new.scale /= BINARY_EPS
-            _replace(gm, node.target, new)
+            set_module(gm, node.target, new)
             if bn_node is not None:
                 bn_node.replace_all_uses_with(node)
                 gm.graph.erase_node(bn_node)
@@ -191,8 +191,3 @@ def low_bit_layers(deploy: nn.Module) -> dict[str, tuple[int, np.ndarray]]:
     """{ONNX weight name: (bits, k)} of the ≤4-bit layers of a lowered model, for packed storage."""
     return {f"{name}.weight": (m.bits, m.k.numpy()) for name, m in deploy.named_modules()
             if isinstance(m, QuantWeightLayer) and m.bits <= 4}
-
-
-def _replace(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)

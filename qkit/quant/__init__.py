@@ -23,7 +23,7 @@ from qkit.quant.layers import BinaryConv2d, BinaryLinear, SignAct
 from qkit.quant.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 
 __all__ = ["quantize", "Recipe", "load_recipe", "resolve_recipe", "parse_recipe", "list_recipes",
-           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "is_pass_through"]
+           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "is_pass_through", "set_module"]
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -77,7 +77,8 @@ def _compute_layer(m: nn.Module, bits: int, recipe: Recipe, adder: bool) -> nn.M
     return new
 
 
-def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``target`` (what an fx ``call_module`` node calls)."""
     parent, _, leaf = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
@@ -140,14 +141,14 @@ def quantize(model: nn.Module, recipe: Recipe) -> nn.Module:
             if node in edge and bits <= 8:  # float recipes (fp32 AdderNet) keep float edges
                 bits = max(bits, recipe.first_last_bits)
             is_adder = recipe.adder and node not in edge and isinstance(m, nn.Conv2d) and m.groups == 1
-            _set_module(gm, node.target, _compute_layer(m, bits if bits <= 8 else 32, recipe, is_adder))
+            set_module(gm, node.target, _compute_layer(m, bits if bits <= 8 else 32, recipe, is_adder))
             src = node.args[0]
             node.replace_input_with(src, quantized_input(src, recipe.act_bits))
         elif (_is(node, gm, (nn.ReLU, nn.ReLU6)) or (node.op == "call_function" and node.target in _RELU_FUNCS)
               or (node.op == "call_method" and node.target in _RELU_METHODS)) and quant_acts:
             act = _act_quant(recipe.act_bits, unsigned=True)
             if node.op == "call_module":
-                _set_module(gm, node.target, act)
+                set_module(gm, node.target, act)
             else:
                 node.op, node.target = "call_module", add_module(act, "relu")
                 node.args, node.kwargs = node.args[:1], {}
