@@ -4,12 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qkit-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,mobile,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -17,7 +17,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qkit demo
 
-test: $(STAMP)
+# The full Fashion-MNIST comes from Debian's package; installed when we are root with apt, else its tests skip.
+FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+fashion-mnist:
+	@test -f $(FASHION) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } ; } || \
+	  echo "note: dataset-fashion-mnist not installed (needs root and apt); its tests will skip"
+
+test: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -16,6 +16,7 @@ from qkit.export.report import execution_report, session_options
 from qkit.fileio import sha256, write_json
 
 PARITY_MIN_AGREEMENT = 99.5  # % of test images on which ONNX and PyTorch pick the same class
+PTE_MIN_AGREEMENT = 99.0     # the same for ExecuTorch's model.pte (XNNPACK rounds requantization its own way)
 
 
 def read_manifest(bundle: str | Path, verify: bool = True) -> dict[str, Any]:
@@ -74,6 +75,17 @@ def _baseline_top1(baseline: str, data: str, x: np.ndarray, y: np.ndarray) -> fl
     raise QkitError(f"--baseline {baseline}: neither a bundle (manifest.json) nor a run (checkpoint.pt)")
 
 
+def _check_pte(bundle: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """ExecuTorch's runtime on model.pte: top-1 and agreement with the PyTorch model."""
+    from qkit.export.executorch import installed, run_pte
+
+    if not installed():
+        return {"skipped": "ExecuTorch not installed (pip install -e '.[mobile]')"}
+    logits = run_pte(bundle / "model.pte", x)
+    return {"top1": _top1(logits, y), "agreement": round(100.0 * float((ref.argmax(1) == logits.argmax(1)).mean()), 2),
+            "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6), "min_agreement": PTE_MIN_AGREEMENT}
+
+
 def _top1(logits: np.ndarray, y: np.ndarray) -> float:
     return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
 
@@ -113,6 +125,10 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
         result["packed"] = {"file": shipping["file"], "top1": _top1(packed, y), "agreement_with_runtime_file": same,
                             "bytes": manifest["files"][shipping["file"]]["bytes"]}
         parity_ok = parity_ok and same >= PARITY_MIN_AGREEMENT
+    pte_ok = True
+    if "model.pte" in manifest["files"] and "parity" in result:
+        result["executorch"] = _check_pte(bundle, x, y, ref)
+        pte_ok = result["executorch"].get("agreement", 100.0) >= PTE_MIN_AGREEMENT
     limit = manifest.get("max_drop", 1.0) if max_drop is None else max_drop
     drop_ok = True
     if baseline:
@@ -121,7 +137,8 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
                               "max_drop": limit}
         drop_ok = result["baseline"]["drop"] <= limit
     result["execution"] = execution_report(bundle / "model.onnx")
-    result["passed"] = bool(parity_ok and drop_ok)
-    result["failed"] = [name for name, ok in (("parity", parity_ok), ("accuracy drop", drop_ok)) if not ok]
+    result["passed"] = bool(parity_ok and pte_ok and drop_ok)
+    result["failed"] = [name for name, ok in (("parity", parity_ok), ("executorch parity", pte_ok),
+                                              ("accuracy drop", drop_ok)) if not ok]
     write_json(bundle / "check.json", result)
     return result

@@ -149,20 +149,36 @@ def check(bundle, baseline, data, max_drop, quiet, as_json) -> None:
     sys.exit(0 if r["passed"] else 1)
 
 
+BENCH_CSV = ["bundle", "recipe", "runtime", "threads", "batch", "status", "reason", "median_ms", "ci95_ms", "p90_ms",
+             "p99_ms", "min_ms", "mean_ms", "throughput_per_s", "runs", "stopped_by", "load_ms", "peak_rss_mb",
+             "file", "file_bytes", "executed", "runtime_version", "vs", "vs_median_ms", "ratio_median", "ratio_ci95"]
+
+
 @cli.command()
 @click.argument("bundles", nargs=-1, required=True)
-@click.option("--runtime", default="ort-cpu", show_default=True, help="Comma-separated: ort-cpu, ort-mobile.")
+@click.option("--runtime", default="ort-cpu", show_default=True,
+              help="Comma-separated: ort-cpu, ort-mobile, executorch, openvino, ort-cuda, ort-trt, torch. "
+                   "Missing runtimes or devices are reported as skipped.")
 @click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts.")
 @click.option("--batch", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--vs", default=None, metavar="BUNDLE",
+              help="Paired mode: alternate each bundle with this one call by call in one process and report "
+                   "the time ratio pair by pair (robust to machine drift).")
 @click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
 @click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Minimum timed runs.")
-@click.option("--seconds", type=click.FloatRange(0), default=3.0, show_default=True, help="Time budget per config.")
+@click.option("--seconds", type=click.FloatRange(0), default=3.0, show_default=True,
+              help="Time budget per configuration.")
+@click.option("--ci", "target_ci", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Stop early once the median's 95%% CI half-width is within this many %% of it.")
 @click.option("--json", "json_file", default=None, help="Also write the results to this JSON file.")
+@click.option("--csv", "csv_file", default=None, help="Also write the results to this CSV file.")
 @quiet_opt
-def bench(bundles, runtime, threads, batch, warmup, runs, seconds, json_file, quiet) -> None:
-    """Latency (median/p90/p99), throughput, file size and peak memory of BUNDLES per runtime."""
+def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci, json_file, csv_file, quiet) -> None:
+    """Latency (median/p90/p99), throughput, file size and peak memory of BUNDLES per runtime.
+
+    Each measurement runs in a fresh process with a pinned thread count."""
     from qkit.bench import bench as run_bench
-    from qkit.fileio import write_json
+    from qkit.fileio import write_csv, write_json
 
     def show(row: dict[str, Any]) -> None:
         if quiet:
@@ -170,15 +186,22 @@ def bench(bundles, runtime, threads, batch, warmup, runs, seconds, json_file, qu
         head = f"{row['recipe']:<11} {row['runtime']:<10} t={row['threads']} b={row['batch']:<3}"
         if row["status"] != "ok":
             click.echo(f"{head} {row['status']}: {row['reason']}")
-        else:
-            click.echo(f"{head} median {row['median_ms']:.4f} ms  p90 {row['p90_ms']:.4f}  p99 {row['p99_ms']:.4f}  "
-                       f"{row['throughput_per_s']:.0f}/s  {row['file_bytes'] / 1024:.1f} KB  "
-                       f"RSS {row['peak_rss_mb']:.0f} MB  ({row['runs']} runs)")
+            return
+        line = (f"{head} median {row['median_ms']:.4f} ms  p90 {row['p90_ms']:.4f}  p99 {row['p99_ms']:.4f}  "
+                f"{row['throughput_per_s']:.0f}/s  {row['file_bytes'] / 1024:.1f} KB  RSS {row['peak_rss_mb']:.0f} MB"
+                f"  ({row['runs']} runs)")
+        if "ratio_median" in row:
+            lo, hi = row["ratio_ci95"]
+            line += f"  ×{row['ratio_median']:.3f} of --vs [{lo:.3f}, {hi:.3f}]"
+        click.echo(line)
 
     rows = run_bench(list(bundles), tuple(r.strip() for r in runtime.split(",") if r.strip()),
-                     _csv_ints(threads, "--threads"), _csv_ints(batch, "--batch"), warmup, runs, seconds, show)
+                     _csv_ints(threads, "--threads"), _csv_ints(batch, "--batch"), warmup, runs, seconds,
+                     target_ci / 100, vs, show)
     if json_file:
         write_json(json_file, rows)
+    if csv_file:
+        write_csv(csv_file, rows, BENCH_CSV)
 
 
 @cli.command()

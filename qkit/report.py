@@ -1,17 +1,16 @@
 """Compare bundles side by side: one table (Markdown, CSV, JSON) and a plot with the Pareto front."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 from qkit.check import read_manifest
-from qkit.fileio import atomic_path, write_json, write_text
+from qkit.fileio import atomic_path, write_csv, write_json, write_text
 
 COLUMNS = ["recipe", "model", "weight_bits", "act_bits", "adder", "top1_onnx", "top1_torch", "drop", "agreement",
            "int8_nodes", "fp32_nodes", "size_kb", "ship_kb", "latency_ms", "p99_ms", "speedup_vs_fp32", "peak_rss_mb", "bundle"]
+PRIMARY = "ort-cpu"  # the runtime of the headline latency column and of the speed-up
 
 
 def _read(path: Path) -> Any:
@@ -21,15 +20,25 @@ def _read(path: Path) -> Any:
         return None
 
 
-def collect(bundles: list[str | Path], runtime: str = "ort-cpu") -> list[dict[str, Any]]:
-    """One row per bundle from its manifest, check.json and bench.json (batch 1, fewest threads)."""
+def _latencies(bundle: Path) -> dict[str, dict[str, Any]]:
+    """runtime → its batch-1 row with the fewest threads, from the bundle's bench.json."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in _read(bundle / "bench.json") or []:
+        if r.get("status") == "ok" and r.get("batch") == 1 and ("vs" not in r):
+            if r["runtime"] not in best or r["threads"] < best[r["runtime"]]["threads"]:
+                best[r["runtime"]] = r
+    return best
+
+
+def collect(bundles: list[str | Path]) -> list[dict[str, Any]]:
+    """One row per bundle from its manifest, check.json and bench.json (batch 1, fewest threads): the
+    ort-cpu figures in the main columns, every benched runtime's median in ``ms_<runtime>``."""
     rows = []
     for bundle in map(Path, bundles):
         m = read_manifest(bundle, verify=False)
         chk = _read(bundle / "check.json") or {}
-        bench = [r for r in (_read(bundle / "bench.json") or []) if r.get("status") == "ok"
-                 and r.get("runtime") == runtime and r.get("batch") == 1]
-        b = min(bench, key=lambda r: r["threads"]) if bench else {}
+        lat = _latencies(bundle)
+        b = lat.get(PRIMARY, {})
         rows.append({
             "recipe": m["recipe"], "model": m["model"], "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
             "adder": m["adder"], "top1_onnx": chk.get("top1"), "top1_torch": m["top1"],
@@ -40,7 +49,7 @@ def collect(bundles: list[str | Path], runtime: str = "ort-cpu") -> list[dict[st
                              / 1024, 1),
             "latency_ms": b.get("median_ms"),
             "p99_ms": b.get("p99_ms"), "speedup_vs_fp32": None, "peak_rss_mb": b.get("peak_rss_mb"),
-            "bundle": str(bundle)})
+            "bundle": str(bundle), **{f"ms_{rt}": r["median_ms"] for rt, r in lat.items()}})
     base = next((r for r in rows if r["recipe"] == "fp32" and r["latency_ms"]), None)
     for r in rows:
         if base and r["latency_ms"]:
@@ -48,63 +57,127 @@ def collect(bundles: list[str | Path], runtime: str = "ort-cpu") -> list[dict[st
     return rows
 
 
-def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Bundles no other bundle beats on accuracy, latency and size at once."""
-    pts = [r for r in rows if r["top1_onnx"] is not None and r["latency_ms"]]
+def runtimes_of(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({k[3:] for r in rows for k in r if k.startswith("ms_")}, key=lambda rt: (rt != PRIMARY, rt))
+
+
+def pareto(rows: list[dict[str, Any]], latency: str = "latency_ms") -> list[dict[str, Any]]:
+    """Bundles no other bundle beats on accuracy, latency (column ``latency``) and size at once."""
+    pts = [r for r in rows if r["top1_onnx"] is not None and r.get(latency)]
 
     def dominates(a, b):
-        ge = a["top1_onnx"] >= b["top1_onnx"] and a["latency_ms"] <= b["latency_ms"] and a["ship_kb"] <= b["ship_kb"]
-        gt = a["top1_onnx"] > b["top1_onnx"] or a["latency_ms"] < b["latency_ms"] or a["ship_kb"] < b["ship_kb"]
+        ge = a["top1_onnx"] >= b["top1_onnx"] and a[latency] <= b[latency] and a["ship_kb"] <= b["ship_kb"]
+        gt = a["top1_onnx"] > b["top1_onnx"] or a[latency] < b[latency] or a["ship_kb"] < b["ship_kb"]
         return ge and gt
 
     return [r for r in pts if not any(dominates(o, r) for o in pts if o is not r)]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    others = [f"ms_{rt}" for rt in runtimes_of(rows) if rt != PRIMARY]
     cols = ["recipe", "top1_onnx", "drop", "agreement", "int8_nodes", "fp32_nodes", "size_kb", "ship_kb", "latency_ms",
-            "p99_ms", "speedup_vs_fp32", "pareto"]
+            "p99_ms", "speedup_vs_fp32", *others, "pareto"]
     front = {r["bundle"] for r in pareto(rows)}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        vals = [("yes" if r["bundle"] in front else "") if c == "pareto" else r[c] for c in cols]
+        vals = [("yes" if r["bundle"] in front else "") if c == "pareto" else r.get(c) for c in cols]
         lines.append("| " + " | ".join("–" if v is None else str(v) for v in vals) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    pts = [r for r in rows if r["top1_onnx"] is not None and r["latency_ms"]]
-    front = {r["bundle"] for r in pareto(rows)}
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
-    biggest = max((r["ship_kb"] for r in pts), default=1)
-    for i, r in enumerate(sorted(pts, key=lambda r: (r["latency_ms"], r["top1_onnx"]))):
-        on_front = r["bundle"] in front
-        ax.scatter(r["latency_ms"], r["top1_onnx"], s=40 + 600 * r["ship_kb"] / biggest, alpha=0.6,
-                   edgecolors="tab:red" if on_front else "black", linewidths=2.0 if on_front else 0.6)
-        ax.annotate(f"{r['recipe']} ({r['ship_kb']:.0f} KB)", (r["latency_ms"], r["top1_onnx"]),
-                    textcoords="offset points", xytext=(8, 10 - 14 * (i % 3)), fontsize=8)
-    if front:
-        ax.scatter([], [], s=60, facecolors="none", edgecolors="tab:red", linewidths=2.0,
-                   label="Pareto front (no bundle is better on accuracy, latency and size)")
-        ax.legend(loc="best", fontsize=8)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.margins(x=0.15, y=0.1)
-    ax.set_xlabel("ONNX Runtime CPU latency, batch 1, median (ms, log scale)")
-    ax.set_ylabel("top-1 of the exported model on the test split (%)")
-    ax.set_title("Accuracy vs latency (marker area ∝ shipped file size)")
-    ax.grid(True, which="both", alpha=0.3)
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def plot_accuracy_vs_latency(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per runtime: accuracy vs batch-1 latency, marker area ∝ shipped size, Pareto front ringed."""
+    import matplotlib.ticker
+
+    plt = _pyplot()
+    rts = runtimes_of(rows) or [PRIMARY]
+    fig, axes = plt.subplots(1, len(rts), figsize=(6.5 * len(rts), 5), dpi=110, sharey=True, squeeze=False)
+    biggest = max((r["ship_kb"] for r in rows), default=1)
+    for ax, rt in zip(axes[0], rts):
+        key = f"ms_{rt}"
+        pts = [r for r in rows if r["top1_onnx"] is not None and r.get(key)]
+        front = {r["bundle"] for r in pareto(rows, key)}
+        for i, r in enumerate(sorted(pts, key=lambda r: (r[key], r["top1_onnx"]))):
+            on_front = r["bundle"] in front
+            ax.scatter(r[key], r["top1_onnx"], s=40 + 600 * r["ship_kb"] / biggest, alpha=0.6,
+                       color=f"C{rows.index(r) % 10}",  # one colour per bundle across the panels
+                       edgecolors="tab:red" if on_front else "black", linewidths=2.0 if on_front else 0.6)
+            ax.annotate(f"{r['recipe']} ({r['ship_kb']:.0f} KB)", (r[key], r["top1_onnx"]),
+                        textcoords="offset points", xytext=(8, 10 - 14 * (i % 3)), fontsize=8)
+        if front:
+            ax.scatter([], [], s=60, facecolors="none", edgecolors="tab:red", linewidths=2.0,
+                       label="Pareto front (accuracy, latency, size)")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.margins(x=0.15, y=0.1)
+        ax.set_xlabel(f"{rt} latency, batch 1, median (ms, log scale)")
+        ax.set_title(f"{rt}: accuracy vs latency (marker area ∝ shipped size)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("top-1 of the exported model on the test split (%)")
+    _save(fig, path)
+
+
+def plot_sizes(rows: list[dict[str, Any]], path: Path) -> None:
+    """Runtime file and shipped (packed) file size per recipe."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5), dpi=110)
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["size_kb"] for r in rows], 0.4, label="model.onnx (runtime file)")
+    ax.bar(x + 0.2, [r["ship_kb"] for r in rows], 0.4, label="shipped file (packed INT4/INT2 when ≤4-bit)")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['ship_kb']:.0f}", (i + 0.2, r["ship_kb"]), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [r["recipe"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("size (KB)")
+    ax.set_title("Model size per recipe")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
+    """Batch-1 median latency per recipe, one bar per runtime (log scale)."""
+    import matplotlib.ticker
+    import numpy as np
+
+    plt = _pyplot()
+    rts = runtimes_of(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5), dpi=110)
+    x = np.arange(len(rows))
+    width = 0.8 / max(1, len(rts))
+    for j, rt in enumerate(rts):
+        vals = [r.get(f"ms_{rt}") or 0 for r in rows]
+        ax.bar(x - 0.4 + width * (j + 0.5), vals, width, label=rt)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xticks(x, [r["recipe"] for r in rows], rotation=30, ha="right")
+    ax.set_xlabel("recipe (a missing bar: runtime skipped or not benched)")
+    ax.set_ylabel("latency, batch 1, median (ms, log scale)")
+    ax.set_title("Latency per recipe and runtime")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    _save(fig, path)
 
 
 def compare(bundles: list[str | Path], out: str | Path = "reports/compare") -> dict[str, Any]:
@@ -112,19 +185,21 @@ def compare(bundles: list[str | Path], out: str | Path = "reports/compare") -> d
     out = Path(out)
     rows = collect(bundles)
     table = markdown(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out / "results.csv", buf.getvalue())
+    write_csv(out / "results.csv", rows, COLUMNS + [f"ms_{rt}" for rt in runtimes_of(rows)])
     write_json(out / "results.json", rows)
-    plot(rows, out / "accuracy_vs_latency.png")
+    plot_accuracy_vs_latency(rows, out / "accuracy_vs_latency.png")
+    plot_sizes(rows, out / "size_per_recipe.png")
+    plot_latency(rows, out / "latency_per_runtime.png")
     machine = next((r["machine"] for b in bundles for r in (_read(Path(b) / "bench.json") or []) if "machine" in r), {})
+    versions = ", ".join(f"{k} {machine[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "openvino", "executorch",
+                                                        "torch") if k in machine)
     write_text(out / "report.md", "# qkit comparison\n\n" + table + "\n\n"
                "top1_onnx: ONNX Runtime on the test split (`qkit check`); drop: vs the --baseline given to check; "
                "agreement: % of test images where ONNX and PyTorch agree; int8/fp32_nodes: conv/matmul nodes per "
                "kernel type after ORT optimisation; size_kb: model.onnx (the runtime file); ship_kb: the smallest "
-               "file to download (model.packed.onnx for ≤4-bit weights); latency: ort-cpu batch 1, median.\n\n"
+               "file to download (model.packed.onnx for ≤4-bit weights); latency: ort-cpu batch 1, median; "
+               "ms_RUNTIME: the same on other runtimes.\n\n"
                f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-               f"onnxruntime {machine.get('onnxruntime', '?')}.\n\n![accuracy vs latency](accuracy_vs_latency.png)\n")
+               f"{versions}.\n\n![accuracy vs latency](accuracy_vs_latency.png)\n\n"
+               "![size per recipe](size_per_recipe.png)\n\n![latency per runtime](latency_per_runtime.png)\n")
     return {"rows": rows, "markdown": table, "out": str(out)}

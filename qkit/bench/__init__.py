@@ -1,7 +1,8 @@
 """Benchmark bundles on inference runtimes, each measurement in a fresh subprocess.
 
-A runner is a module beside ``worker.py`` with ``unavailable(runtime, bundle, manifest) -> str | None`` and
-``measure(runtime, bundle, manifest, spec) -> dict``; runtimes that are missing are reported as skipped.
+A runner is a module beside ``worker.py`` (see there for its two functions); runtimes that are missing,
+or have no device, are reported as skipped. ``vs`` times every bundle against one reference bundle in the
+same process, call by call, and reports the ratio pair by pair.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from qkit.export.report import execution_report
 from qkit.fileio import write_json
 
 # runtime name → runner module beside worker.py (imported by the worker process only)
-RUNNERS = {"ort-cpu": "ort_cpu", "ort-mobile": "ort_cpu"}
+RUNNERS = {"ort-cpu": "ort_cpu", "ort-mobile": "ort_cpu", "executorch": "executorch_xnnpack",
+           "openvino": "openvino_cpu", "ort-cuda": "ort_gpu", "ort-trt": "ort_gpu", "torch": "torch_eager"}
 WORKER = Path(__file__).with_name("worker.py")
 
 
@@ -33,10 +35,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import onnxruntime
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__}
+    versions = {}
+    for package in ("onnxruntime", "onnxruntime-gpu", "openvino", "executorch", "torch"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
 def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -53,10 +60,14 @@ def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), threads: tuple[int, ...] = (1,),
           batches: tuple[int, ...] = (1,), warmup: int = 10, min_runs: int = 50, max_seconds: float = 3.0,
+          target_ci: float = 0.01, vs: str | Path | None = None,
           on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Latency (median/p90/p99/min), throughput, load time, peak RSS and file size per configuration.
+    """Latency (median with 95 % CI, p90/p99/min), throughput, load time, peak RSS and file size per
+    configuration. Timing stops once the median's CI half-width is within ``target_ci`` of it (after
+    ``min_runs``) or after ``max_seconds``.
 
-    Each bundle also gets a ``bench.json`` with its own rows, which ``qkit compare`` reads.
+    Without ``vs`` each bundle also gets a ``bench.json`` with its own rows, which ``qkit compare`` reads;
+    with ``vs`` the rows carry ``ratio_median`` (bundle time / vs time, pair by pair) and are only returned.
     """
     unknown = [r for r in runtimes if r not in RUNNERS]
     if unknown:
@@ -64,6 +75,8 @@ def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), t
     if any(t < 1 for t in threads) or any(b < 1 for b in batches):
         raise QkitError("--threads and --batch take positive integers")
     manifests = {str(b): read_manifest(b) for b in bundles}
+    if vs is not None:
+        read_manifest(vs)
     reports: dict[str, dict[str, int]] = {}
 
     def executed(bundle: str) -> dict[str, int]:
@@ -79,16 +92,19 @@ def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), t
         for runtime in runtimes:
             for t in threads:
                 for b in batches:
-                    spec = {"bundle": bundle, "runtime": runtime, "module": RUNNERS[runtime], "threads": t, "batch": b, "warmup": warmup,
-                            "min_runs": min_runs, "max_seconds": max_seconds}
+                    spec = {"bundle": bundle, "runtime": runtime, "module": RUNNERS[runtime], "threads": t,
+                            "batch": b, "warmup": warmup, "min_runs": min_runs, "max_seconds": max_seconds,
+                            "target_ci": target_ci, "vs": str(vs) if vs is not None else None}
                     row = {"bundle": bundle, "recipe": manifests[bundle]["recipe"], "runtime": runtime,
-                           "threads": t, "batch": b, **_run_worker(spec, timeout=60 + 10 * max_seconds)}
+                           "threads": t, "batch": b, **({"vs": str(vs)} if vs is not None else {}),
+                           **_run_worker(spec, timeout=120 + 10 * max_seconds)}
                     if row["status"] == "ok" and runtime == "ort-cpu":
                         row["executed"] = executed(bundle)
                     row["machine"] = facts
                     rows.append(row)
                     if on_result:
                         on_result(row)
-        write_json(Path(bundle) / "bench.json", rows)
+        if vs is None:
+            write_json(Path(bundle) / "bench.json", rows)
         results += rows
     return results

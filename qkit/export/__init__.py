@@ -20,6 +20,7 @@ import torch
 import qkit
 from qkit.data import load_dataset
 from qkit.errors import QkitError
+from qkit.export import executorch as pte
 from qkit.export.lower import BINARY_EPS, low_bit_layers, lower
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
 from qkit.export.report import execution_report, session_options
@@ -32,11 +33,10 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 PACKED = "model.packed.onnx"
 
 
-def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...],
+def to_onnx(deploy: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...],
             opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
-    """Standard ONNX for ``model`` (batch dimension dynamic), and its packed low-bit twin when it has
-    ≤4-bit layers; both checked with ``full_check``."""
-    deploy = lower(model, recipe)
+    """Standard ONNX for a lowered model (batch dimension dynamic), and its packed low-bit twin when it
+    has ≤4-bit layers; both checked with ``full_check``."""
     dtype = torch.float16 if recipe.weight_bits == 16 else torch.float32
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -60,14 +60,23 @@ def to_onnx(model: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...]
     return proto, packed
 
 
-def _write_mobile(bundle: Path) -> None:
-    """ONNX Runtime Mobile's flatbuffer format (``model.ort``), optimised at the portable level."""
+def _write_mobile(bundle: Path, deploy: torch.nn.Module, recipe: Recipe,
+                  input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """ONNX Runtime Mobile's flatbuffer format (``model.ort``, optimised at the portable level) and, where
+    the recipe allows and ExecuTorch is installed, an XNNPACK ``model.pte``; returns the .pte's report."""
     import onnxruntime as ort
 
     so = session_options(optimized_path=str(bundle / "model.ort"))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.add_session_config_entry("session.save_model_format", "ORT")
     ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    reason = pte.unsupported(recipe) or (None if pte.installed() else
+                                         "ExecuTorch not installed (pip install -e '.[mobile]')")
+    if reason:
+        return {"skipped": reason}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pte.write_pte(deploy, recipe, input_shape, bundle / pte.PTE)
 
 
 def export(run: str | Path, out: str | Path | None = None, opset: int | None = None,
@@ -80,7 +89,8 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
         raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
     dest = Path(out) if out else Path("export") / Path(run).name
     input_shape = tuple(meta["input_shape"])
-    proto, packed = to_onnx(model, recipe, input_shape, opset)
+    deploy = lower(model, recipe)
+    proto, packed = to_onnx(deploy, recipe, input_shape, opset)
 
     ds = load_dataset(meta["data"], default_shape=input_shape)
     x_test, y_test = ds.split("test")
@@ -93,12 +103,14 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
         if packed is not None:
             onnx.save(packed, tmp / PACKED)
         np.savez_compressed(tmp / "reference.npz", logits=ref_logits.numpy(), labels=y_test.numpy())
-        if mobile:
-            _write_mobile(tmp)
+        executorch = _write_mobile(tmp, deploy, recipe, input_shape) if mobile else None
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = build_manifest(meta, recipe, input_shape, top1(ref_logits, y_test), files, opset,
                                   execution_report(tmp / "model.onnx"), run, packed)
+        if executorch is not None:
+            manifest["executorch"] = executorch
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle into an app's build
         _swap_in(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,157 @@
+"""ExecuTorch ``model.pte`` with the XNNPACK backend that keeps the QAT-trained scales.
+
+No post-training calibration: the lowered model's fake-quant calls are rewritten into the Q/DQ ops that a
+PT2E-converted model carries (``quantized_decomposed``), with the trained scales. Unsigned 8-bit
+activations become int8 with zero point − 128 (the same grid), integer weights become int8 constants with
+their per-channel scales, and every conv/linear input that reaches it through MaxPool/Flatten gets its own
+Q/DQ (exact: the values are still on the grid), so XNNPACK's partitioner sees dq → conv → q and runs its
+int8 kernels. ExecuTorch is an optional extra (``pip install -e '.[mobile]'``).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qkit.export.lower import QuantAct, QuantWeightLayer
+from qkit.quant import Recipe, is_pass_through, set_module
+
+PTE = "model.pte"
+
+
+def unsupported(recipe: Recipe) -> str | None:
+    """Why this recipe gets no ``.pte`` (None when it does)."""
+    if recipe.adder:
+        return "AdderNet has no XNNPACK kernel"
+    if recipe.weight_bits == 16:
+        return "fp16 is not exported to ExecuTorch yet"
+    if recipe.is_quantized and recipe.act_bits != 8:
+        return "XNNPACK takes 8-bit activations only"
+    return None
+
+
+def installed() -> bool:
+    try:
+        import executorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ops():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+    return torch.ops.quantized_decomposed
+
+
+class Int8Act(nn.Module):
+    """The QAT activation quantizer as PT2E Q/DQ: uint8 (scale, zp) → int8 (scale, zp − 128)."""
+
+    def __init__(self, act: QuantAct) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.relu = act.scale, act.zero_point - 128, act.relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            x = torch.relu(x)
+        ops = _ops()
+        q = ops.quantize_per_tensor.default(x, self.scale, self.zero_point, -128, 127, torch.int8)
+        return ops.dequantize_per_tensor.default(q, self.scale, self.zero_point, -128, 127, torch.int8)
+
+
+class Int8WeightLayer(nn.Module):
+    """Conv2d/Linear whose weight is an int8 constant dequantized per output channel.
+
+    With ``int8=False`` the same weight values are a float constant: for a layer whose output is not
+    requantized (the classifier), because XNNPACK 1.5.1 mis-scales a static-int8 linear with float output
+    (logits came out ~400× too large); that layer then runs in fp32 on the dequantized input.
+    """
+
+    def __init__(self, layer: QuantWeightLayer, int8: bool = True) -> None:
+        super().__init__()
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        self.int8 = int8
+        if int8:
+            self.register_buffer("qweight", torch.round(layer.weight / layer.scale.view(shape)).to(torch.int8))
+            self.register_buffer("scale", layer.scale.float())
+            self.register_buffer("zero_point", torch.zeros(len(layer.scale), dtype=torch.int64))
+        else:
+            self.register_buffer("weight", layer.weight.clone())
+        self.register_buffer("bias", layer.bias)
+        self.conv = layer.conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (_ops().dequantize_per_channel.default(self.qweight, self.scale, self.zero_point, 0, -128, 127,
+                                                   torch.int8) if self.int8 else self.weight)
+        return F.linear(x, w, self.bias) if self.conv is None else F.conv2d(x, w, self.bias, **self.conv)
+
+
+def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite a lowered (8-bit activation) model into PT2E's Q/DQ form; the input is left untouched."""
+    gm = copy.deepcopy(deploy)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if isinstance(m, QuantAct):
+            if m.levels != 256:
+                raise ValueError("ExecuTorch export needs 8-bit activations")
+            set_module(gm, node.target, Int8Act(m))
+        elif isinstance(m, QuantWeightLayer):
+            requantized = any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantAct)
+                              for u in node.users)
+            set_module(gm, node.target, Int8WeightLayer(m, int8=requantized))
+    for node in list(gm.graph.nodes):
+        if is_pass_through(node, gm) and any(u.op == "call_module" and isinstance(gm.get_submodule(u.target),
+                                                                                  Int8WeightLayer) for u in node.users):
+            src = node.args[0]
+            while isinstance(src, fx.Node) and is_pass_through(src, gm):
+                src = src.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(gm.get_submodule(src.target),
+                                                                                     Int8Act):
+                act = copy.copy(gm.get_submodule(src.target))
+                act.relu = False
+                name = f"{node.name}_requant"
+                gm.add_module(name, act)
+                with gm.graph.inserting_after(node):
+                    rq = gm.graph.call_module(name, (node,))
+                node.replace_all_uses_with(rq, delete_user_cb=lambda u: u is not rq)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+_COMPUTE = ("convolution", "linear", "addmm", "mm")
+
+
+def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], path: Path) -> dict[str, Any]:
+    """Lower to XNNPACK, write ``path`` and return what was delegated (conv/linear nodes in and out)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = for_executorch(deploy) if recipe.is_quantized else deploy
+    with torch.no_grad():
+        ep = torch.export.export(model.eval(), (torch.zeros(1, *input_shape),))
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    graph = edge.exported_program().graph
+    left = sum(1 for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE))
+    delegates = sum(1 for n in graph.nodes if "executorch_call_delegate" in str(n.target))
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantWeightLayer, Int8WeightLayer))]
+    path.write_bytes(edge.to_executorch().buffer)
+    return {"backend": "XnnpackBackend", "delegate_calls": delegates, "compute_nodes": len(layers),
+            "compute_delegated": len(layers) - left,
+            "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
+
+
+def run_pte(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits of ``x`` (N, C, H, W) through ExecuTorch's runtime, one image at a time (the .pte is batch 1)."""
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(path)).load_method("forward")
+    # outputs alias the method's planned memory: copy each before the next call overwrites it
+    return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy().copy() for i in range(len(x))])

@@ -1,0 +1,93 @@
+"""Runtimes side by side: ExecuTorch bundles that keep the QAT scales, every bench runner, paired timing."""
+from __future__ import annotations
+
+import csv
+import json
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+
+import qkit
+from qkit.bench.timing import median_ci
+from qkit.export.executorch import installed as executorch_installed
+from tests.conftest import run_cli
+
+needs_executorch = pytest.mark.skipif(not executorch_installed(), reason="ExecuTorch not installed ('.[mobile]')")
+
+
+@pytest.fixture(scope="module")
+def mobile(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mobile")
+    return {name: qkit.export(runs[name], root / name, mobile=True) for name in ("fp32", "int8", "w2a8", "w2a2")}
+
+
+@needs_executorch
+@pytest.mark.parametrize("name", ["fp32", "int8", "w2a8"])
+def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
+    manifest = json.loads((mobile[name] / "manifest.json").read_text())
+    et = manifest["executorch"]
+    assert "model.pte" in manifest["files"] and et["compute_delegated"] == et["compute_nodes"] == 4
+    # int8 kernels for every layer whose output is requantized; the classifier runs fp32 inside XNNPACK
+    assert et["compute_int8"] == (0 if name == "fp32" else 3)
+    result = qkit.check(mobile[name])
+    assert result["passed"] and result["executorch"]["agreement"] >= 99.0
+    assert abs(result["executorch"]["top1"] - result["top1"]) <= 1.0
+
+
+def test_pte_is_skipped_with_a_reason_where_xnnpack_cannot_run_it(mobile):
+    manifest = json.loads((mobile["w2a2"] / "manifest.json").read_text())
+    assert "model.pte" not in manifest["files"] and "model.ort" in manifest["files"]
+    assert "skipped" in manifest["executorch"]
+
+
+def test_every_runner_reports_ok_or_skipped(mobile, tmp_path):
+    out = tmp_path / "bench.csv"
+    r = run_cli("bench", str(mobile["int8"]), "--runtime", "ort-cpu,ort-mobile,executorch,openvino,torch,ort-cuda,ort-trt",
+                "--runs", "5", "--seconds", "0.05", "--csv", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = {row["runtime"]: row for row in csv.DictReader(out.open())}
+    assert rows["ort-cpu"]["status"] == "ok" and json.loads(rows["ort-cpu"]["executed"])["int8"] == 4
+    assert rows["ort-mobile"]["status"] == "ok" and rows["torch"]["status"] == "ok"
+    assert all(rows[g]["status"] == "skipped" and ("no GPU" in rows[g]["reason"] or "not installed" in rows[g]["reason"])
+               for g in ("ort-cuda", "ort-trt"))
+    if rows["openvino"]["status"] == "ok":  # int8 QDQ runs on OpenVINO's u8/i8 kernels, not in float
+        assert json.loads(rows["openvino"]["executed"])["int8"] >= 2
+    else:
+        assert "not installed" in rows["openvino"]["reason"]
+    if executorch_installed():
+        assert rows["executorch"]["status"] == "ok" and json.loads(rows["executorch"]["executed"])["compute_int8"] == 3
+
+
+def test_paired_mode_reports_the_ratio_pair_by_pair(mobile, tmp_path):
+    before = (mobile["int8"] / "bench.json").read_text() if (mobile["int8"] / "bench.json").exists() else None
+    r = run_cli("bench", str(mobile["int8"]), "--vs", str(mobile["fp32"]), "--runs", "20", "--seconds", "0.2",
+                "--json", str(tmp_path / "pair.json"))
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads((tmp_path / "pair.json").read_text())
+    lo, hi = row["ratio_ci95"]
+    assert row["runs"] >= 20 and lo <= row["ratio_median"] <= hi and row["vs_median_ms"] > 0
+    # a comparison is not a property of the bundle: its bench.json is left alone
+    after = (mobile["int8"] / "bench.json").read_text() if (mobile["int8"] / "bench.json").exists() else None
+    assert before == after
+
+
+def test_compare_has_a_column_and_plots_per_runtime(mobile, tmp_path):
+    bundles = [mobile["fp32"], mobile["int8"]]
+    qkit.bench(bundles, runtimes=("ort-cpu", "openvino"), min_runs=5, max_seconds=0.05)
+    for b in bundles:
+        qkit.check(b)
+    report = qkit.compare(bundles, tmp_path / "report")
+    header = (tmp_path / "report" / "results.csv").read_text().splitlines()[0]
+    assert "ms_ort-cpu" in header and all(r["ms_ort-cpu"] > 0 for r in report["rows"])
+    if find_spec("openvino"):
+        assert "ms_openvino" in header and "ms_openvino" in report["markdown"]
+    for f in ("accuracy_vs_latency.png", "size_per_recipe.png", "latency_per_runtime.png"):
+        assert (tmp_path / "report" / f).stat().st_size > 10_000
+
+
+def test_median_ci_covers_the_true_median():
+    rng = np.random.default_rng(0)
+    misses = sum(not (lambda lo_hi: lo_hi[0] <= 0.0 <= lo_hi[1])(median_ci(rng.standard_normal(200)))
+                 for _ in range(400))
+    assert misses / 400 <= 0.08  # nominal 5 %
