@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--recipes", default=",".join(ALL))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep runs that already finished (metrics.json present)")
     args = ap.parse_args()
     out = Path(args.out or f"reports/accuracy-{args.data}")
     recipes = args.recipes.split(",")
@@ -41,9 +42,12 @@ def main() -> None:
             run = out / "runs" / f"{name}-s{seed}"
             init = str(out / "runs" / f"fp32-s{seed}") if recipe.is_quantized and not recipe.adder else None
             t0 = time.time()
-            metrics = qkit.train(args.model, args.data, recipe, seed=seed, init=init, out=run, overwrite=True,
-                                 progress=False)
-            seconds = time.time() - t0
+            if args.reuse and (run / "metrics.json").is_file():
+                metrics = json.loads((run / "metrics.json").read_text())
+            else:
+                metrics = qkit.train(args.model, args.data, recipe, seed=seed, init=init, out=run, overwrite=True,
+                                     progress=False)
+            seconds = metrics.get("seconds", time.time() - t0)
             bundle = qkit.export(run, out / "export" / f"{name}-s{seed}")
             result = qkit.check(bundle)
             rows.append({"recipe": name, "seed": seed, "top1_onnx": result["top1"], "top1_torch": metrics["top1"],

@@ -223,8 +223,9 @@ def recipes(as_json) -> None:
     from qkit.quant import list_recipes, load_recipe
 
     rs = [load_recipe(n) for n in list_recipes()]
+    width = max(len(r.name) for r in rs)
     _emit(as_json, [r.to_dict() for r in rs],
-          "\n".join(f"{r.name:<11} w{r.weight_bits:<2} a{r.act_bits:<2} {r.description}" for r in rs))
+          "\n".join(f"{r.name:<{width}}  w{r.weight_bits:<2} a{r.act_bits:<2} {r.description}" for r in rs))
 
 
 @cli.command()

@@ -50,7 +50,7 @@ def collect(bundles: list[str | Path]) -> list[dict[str, Any]]:
             "latency_ms": b.get("median_ms"),
             "p99_ms": b.get("p99_ms"), "speedup_vs_fp32": None, "peak_rss_mb": b.get("peak_rss_mb"),
             "bundle": str(bundle), **{f"ms_{rt}": r["median_ms"] for rt, r in lat.items()}})
-    base = next((r for r in rows if r["recipe"] == "fp32" and r["latency_ms"]), None)
+    base = next((r for r in rows if r["weight_bits"] == 32 and not r["adder"] and r["latency_ms"]), None)
     for r in rows:
         if base and r["latency_ms"]:
             r["speedup_vs_fp32"] = round(base["latency_ms"] / r["latency_ms"], 2)

@@ -31,7 +31,7 @@ def test_official_split_is_used_as_is():
     assert (len(ds.x_train), len(ds.x_test), ds.input_shape) == (60000, 10000, (1, 28, 28))
     assert torch.bincount(ds.y_train).tolist() == [6000] * 10
     assert torch.bincount(ds.y_test).tolist() == [1000] * 10
-    assert ds.labels[0] == "T-shirt/top" and ds.labels[9] == "ankle boot"
+    assert ds.labels[0] == "t-shirt/top" and ds.labels[9] == "ankle boot"
     assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
 
 

@@ -8,6 +8,7 @@ become shifted slices, Sub, Abs and ReduceSum.
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -182,9 +183,41 @@ def lower(model: nn.Module, recipe: Recipe) -> nn.Module:
             if bn_node is not None:
                 bn_node.replace_all_uses_with(node)
                 gm.graph.erase_node(bn_node)
+    _leave_binary_domain(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _eps_ok(u: fx.Node, gm: fx.GraphModule) -> bool:
+    """Does ``u`` take a ±ε input correctly: a weighted layer (which folds 1/ε), or value-moving ops that
+    lead only to such layers?"""
+    if u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantWeightLayer):
+        return True
+    return is_pass_through(u, gm) and all(_eps_ok(v, gm) for v in u.users)
+
+
+def _leave_binary_domain(gm: fx.GraphModule) -> None:
+    """Binary activations travel as ±ε (see BINARY_EPS); a consumer that is not a weighted layer (residual
+    add, pooling, concat) gets them back as ±1 through an exact ×2^20. A sign whose input is not a layer
+    output (a residual sum or an average of ±1 values, where exact zeros are common) adds 0.75·ε first, so
+    that 0 maps to +1 as ``ste_sign`` does rather than to the middle level; such inputs are never closer
+    to zero than ε unless they are zero. (A layer's output gets an exact-sign int32 bias at ONNX level.)"""
+    for node in list(gm.graph.nodes):
+        m = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not (isinstance(m, QuantAct) and m.scale == BINARY_EPS):
+            continue
+        src = node.args[0]
+        if isinstance(src, fx.Node) and not (src.op == "call_module" and isinstance(gm.get_submodule(src.target),
+                                                                                    QuantWeightLayer)):
+            with gm.graph.inserting_before(node):
+                node.replace_input_with(src, gm.graph.call_function(operator.add, (src, 0.75 * BINARY_EPS)))
+        others = [u for u in node.users if not _eps_ok(u, gm)]
+        if others:
+            with gm.graph.inserting_after(node):
+                unit = gm.graph.call_function(operator.mul, (node, 1.0 / BINARY_EPS))
+            for u in others:
+                u.replace_input_with(node, unit)
 
 
 def low_bit_layers(deploy: nn.Module) -> dict[str, tuple[int, np.ndarray]]:

@@ -29,6 +29,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     shift_augment: float = 0.0      # random translations up to this fraction of the image side
+    flip_augment: bool = False      # random left-right mirror (natural images such as CIFAR-10)
     distill_alpha: float = 0.5      # weight of the KD loss when --teacher is given
     distill_temperature: float = 4.0
     divergence_retries: int = 0     # on a non-finite loss: redo the epoch at half the lr, this many times
@@ -48,6 +49,8 @@ class Recipe:
     opset: int = 17
     description: str = ""
     train: TrainConfig = field(default_factory=TrainConfig)
+    # per-dataset training settings, e.g. {"fashion-mnist": {"epochs": 3}}: 60k images need fewer passes
+    data_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def is_float(self) -> bool:
@@ -56,6 +59,11 @@ class Recipe:
     @property
     def is_quantized(self) -> bool:
         return self.weight_bits <= 8 or self.act_bits <= 8
+
+    def for_data(self, data: str) -> "Recipe":
+        """This recipe with the training settings it gives dataset ``data`` (``name`` or ``name:PATH``)."""
+        changes = self.data_overrides.get(data.split(":", 1)[0])
+        return self.replace(train=dataclasses.replace(self.train, **changes)) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,6 +100,11 @@ def _typed(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
             if not isinstance(value, dict):
                 raise QkitError(f"{where}: 'train' must be a mapping")
             out[key] = TrainConfig(**_typed(TrainConfig, value, f"{where} train"))
+            continue
+        if key == "data_overrides":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise QkitError(f"{where}: data_overrides maps a dataset name to training settings")
+            out[key] = {str(d): _typed(TrainConfig, v, f"{where} data_overrides {d}") for d, v in value.items()}
             continue
         want = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
         if isinstance(value, bool) and kind != "bool" or not isinstance(value, want):

@@ -63,6 +63,12 @@ def _shift(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tens
     return padded[..., pixels + dy:pixels + dy + h, pixels + dx:pixels + dx + w]
 
 
+def _flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left-right (the standard CIFAR-10 augmentation; not for digits)."""
+    mask = (torch.rand(len(x), generator=gen) < 0.5).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(mask, x.flip(-1), x)
+
+
 def _optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     # No weight decay on BN, biases and learned quantizer scales (1-D parameters).
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
@@ -151,7 +157,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a
     DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files.
     """
-    recipe = recipe or load_recipe("fp32")
+    recipe = (recipe or load_recipe("fp32")).for_data(data)
     overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     if overrides:
         recipe = recipe.replace(train=dataclasses.replace(recipe.train, **overrides))
@@ -250,7 +256,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
                    leave=False, unit="step")
         for step in bar:
             idx = order[step * per_rank_batch:(step + 1) * per_rank_batch]
-            xb = _shift(x_train[idx], cfg.shift_augment, gen).to(device)
+            xb = _shift(x_train[idx], cfg.shift_augment, gen)
+            xb = (_flip(xb, gen) if cfg.flip_augment else xb).to(device)
             yb = y_train[idx].to(device)
             with torch.autocast(device.split(":")[0], dtype=torch.float16, enabled=use_amp):
                 logits = net(xb)
