@@ -76,7 +76,12 @@ def _write_mobile(bundle: Path, deploy: torch.nn.Module, recipe: Recipe,
         return {"skipped": reason}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pte.write_pte(deploy, recipe, input_shape, bundle / pte.PTE)
+        try:
+            return pte.write_pte(deploy, recipe, input_shape, bundle / pte.PTE)
+        except Exception as exc:  # an ExecuTorch lowering failure must not cost the user the ONNX bundle
+            (bundle / pte.PTE).unlink(missing_ok=True)
+            return {"skipped": f"ExecuTorch/XNNPACK lowering failed ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
 
 
 def export(run: str | Path, out: str | Path | None = None, opset: int | None = None,
