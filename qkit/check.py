@@ -82,11 +82,12 @@ def _check_pte(bundle: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> d
     if not installed():
         return {"skipped": "ExecuTorch not installed (pip install -e '.[mobile]')"}
     logits = run_pte(bundle / "model.pte", x)
-    return {"top1": _top1(logits, y), "agreement": round(100.0 * float((ref.argmax(1) == logits.argmax(1)).mean()), 2),
+    return {"top1": _top1(logits, y), "agreement": _top1(logits, ref.argmax(1)),
             "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6), "min_agreement": PTE_MIN_AGREEMENT}
 
 
 def _top1(logits: np.ndarray, y: np.ndarray) -> float:
+    """% of rows whose argmax is ``y`` (labels, or another model's argmax for agreement)."""
     return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
 
 
@@ -114,14 +115,14 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     parity_ok = True
     if data == manifest["data"] and (bundle / "reference.npz").exists():
         ref = np.load(bundle / "reference.npz")["logits"]
-        agreement = round(100.0 * float((ref.argmax(1) == logits.argmax(1)).mean()), 2)
+        agreement = _top1(logits, ref.argmax(1))
         result["parity"] = {"agreement": agreement, "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6),
                             "torch_top1": manifest["top1"], "min_agreement": PARITY_MIN_AGREEMENT}
         parity_ok = agreement >= PARITY_MIN_AGREEMENT
     shipping = manifest.get("roles", {}).get("shipping")
     if shipping:  # the packed file must compute what model.onnx computes
         packed = run_onnx(bundle / shipping["file"], x.astype(dtype), basic=True)
-        same = round(100.0 * float((packed.argmax(1) == logits.argmax(1)).mean()), 2)
+        same = _top1(packed, logits.argmax(1))
         result["packed"] = {"file": shipping["file"], "top1": _top1(packed, y), "agreement_with_runtime_file": same,
                             "bytes": manifest["files"][shipping["file"]]["bytes"]}
         parity_ok = parity_ok and same >= PARITY_MIN_AGREEMENT

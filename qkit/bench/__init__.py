@@ -20,8 +20,8 @@ from qkit.export.report import execution_report
 from qkit.fileio import write_json
 
 # runtime name → runner module beside worker.py (imported by the worker process only)
-RUNNERS = {"ort-cpu": "ort_cpu", "ort-mobile": "ort_cpu", "executorch": "executorch_xnnpack",
-           "openvino": "openvino_cpu", "ort-cuda": "ort_gpu", "ort-trt": "ort_gpu", "torch": "torch_eager"}
+RUNNERS = {"ort-cpu": "ort_runner", "ort-mobile": "ort_runner", "ort-cuda": "ort_runner", "ort-trt": "ort_runner",
+           "executorch": "executorch_xnnpack", "openvino": "openvino_cpu", "torch": "torch_eager"}
 WORKER = Path(__file__).with_name("worker.py")
 
 

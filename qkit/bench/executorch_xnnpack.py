@@ -6,6 +6,8 @@ from typing import Any
 
 from timing import example_input
 
+from importlib.metadata import version
+
 try:  # the runtime imports torch; importing here keeps that out of the measured load time
     import executorch
     import torch
@@ -33,5 +35,5 @@ def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, A
     report = manifest.get("executorch", {})
     executed = {k: report[k] for k in ("compute_nodes", "compute_delegated", "compute_int8") if k in report}
     return (lambda: method.execute([x])), {"file": "model.pte", "file_bytes": (bundle / "model.pte").stat().st_size,
-                                           "runtime_version": getattr(executorch, "__version__", "1.5.1"),
+                                           "runtime_version": version("executorch"),
                                            "executed": executed}
