@@ -132,10 +132,7 @@ def cifar_fp32(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("name", ["int8", pytest.param("w2a2", marks=pytest.mark.xfail(
-    strict=True, reason="known: 2-bit residual ResNet-20 loses parity to the int32 bias grid s_x·s_w that ORT's "
-                        "integer kernels require (lowered torch model and the float-bias ONNX are exact)")),
-    "w1a1", "adder"])
+@pytest.mark.parametrize("name", ["int8", "w2a2", "w1a1", "adder"])
 def test_cifar10_resnet20_recipes_train_and_export(cifar_fp32, tmp_path, name):
     """The CIFAR-10 recipes run (random 32×32 images: CIFAR-10 itself can't be downloaded here) and their
     residual ResNet-20 exports compute what PyTorch computes, binary residual sums included."""

@@ -21,9 +21,12 @@ from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct, is_
 class QuantAct(nn.Module):
     """y = s·(clamp(round(x/s) + zp, 0, L − 1) − zp) for L levels, optionally after ReLU, as uint8 Q/DQ.
 
-    Below 256 levels the range limit is not a Clip (a Clip between Conv and Q blocks ORT's fusion): a
-    second uint8 Q/DQ with zero point 255 − (L − 1 − zp) saturates exactly at the top level, and the first
-    one's zero point saturates at the bottom. Both are exact because every value is already on the grid.
+    Below 256 levels the range limit is not a Clip (a Clip between Conv and Q blocks ORT's fusion): the
+    first Q/DQ rounds at s and its zero point saturates at the bottom; a second uint8 Q/DQ at s/k (k the
+    largest power of two with (L − 1)·k ≤ 255) and zero point 255 − (L − 1 − zp)·k saturates exactly at the
+    top level. Both are exact (every value is already on the grid, k is a power of two), and the consumer
+    sees integers spread over the uint8 range, so its int32 bias grid s_x·s_w is k times finer: the
+    rounding of the bias that integer kernels require then no longer flips coarse 2-4-bit activations.
     """
 
     def __init__(self, scale: float, zero_point: int, levels: int, relu: bool) -> None:
@@ -38,8 +41,9 @@ class QuantAct(nn.Module):
             # A value-preserving op between the pairs stops ORT's DoubleQDQPairsRemover from merging
             # them into one pair with a finer, recomputed scale (which is not exact).
             x = torch.relu(x) if self.zero_point == 0 else torch.clamp_min(x, -self.zero_point * self.scale)
-            top = 255 - (self.levels - 1 - self.zero_point)
-            x = torch.fake_quantize_per_tensor_affine(x, self.scale, top, 0, 255)
+            k = 2 ** int(np.floor(np.log2(255 / (self.levels - 1))))
+            top = 255 - (self.levels - 1 - self.zero_point) * k
+            x = torch.fake_quantize_per_tensor_affine(x, self.scale / k, top, 0, 255)
         return x
 
 

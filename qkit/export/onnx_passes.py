@@ -132,10 +132,92 @@ def _sign_exact_bias(b: np.ndarray, w_int: np.ndarray) -> np.ndarray:
     return np.where(g >= 2, -g * t + g // 2, np.rint(b))
 
 
+def _single_user(name: str, users: dict, op_types: tuple[str, ...]):
+    nxt = users.get(name, [])
+    return nxt[0] if len(nxt) == 1 and nxt[0].op_type in op_types else None
+
+
+def _output_levels(node, users, consts) -> tuple[float, int, int] | None:
+    """(s_y, lowest, highest level) of the Q that requantizes a layer's output, its saturation included:
+    Conv [→ Relu] → Q(s_y) → DQ → Relu/Clip → Q(s_y/k) (qkit's sub-8-bit activation, see QuantAct)."""
+    relu = _single_user(node.output[0], users, ("Relu",))
+    q = _single_user((relu or node).output[0], users, ("QuantizeLinear",))
+    if q is None or q.input[1] not in consts or len(q.input) < 3 or q.input[2] not in consts:
+        return None
+    s_y, zp = float(consts[q.input[1]]), consts[q.input[2]]
+    info = np.iinfo(zp.dtype)
+    lo, hi = info.min - int(zp), info.max - int(zp)
+    if relu is not None:
+        lo = max(lo, 0)
+    dq = _single_user(q.output[0], users, ("DequantizeLinear",))
+    mid = dq and _single_user(dq.output[0], users, ("Relu", "Clip"))
+    q2 = mid and _single_user(mid.output[0], users, ("QuantizeLinear",))
+    if q2 is not None and q2.input[1] in consts and len(q2.input) > 2 and q2.input[2] in consts:
+        top = (np.iinfo(consts[q2.input[2]].dtype).max - int(consts[q2.input[2]])) * float(consts[q2.input[1]])
+        hi = min(hi, int(np.floor(top / s_y + 1e-6)))
+    return s_y, lo, hi
+
+
+def _input_range(dq_x, producer, consts) -> tuple[int, int, int]:
+    """(lowest, highest, step) of the integers q − zp a layer's input takes: the step is k for qkit's
+    spread sub-8-bit activations (Q at s/k fed by a DQ at s), else 1."""
+    zp = consts[dq_x.input[2]] if len(dq_x.input) > 2 and dq_x.input[2] in consts else np.zeros((), np.uint8)
+    info = np.iinfo(zp.dtype)
+    step, q = 1, producer.get(dq_x.input[0])
+    src = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+    src = producer.get(src.input[0]) if src is not None and src.op_type in ("Relu", "Clip") else None
+    if src is not None and src.op_type == "DequantizeLinear" and src.input[1] in consts:
+        ratio = float(consts[src.input[1]]) / float(consts[dq_x.input[1]])
+        step = int(round(ratio)) if abs(ratio - round(ratio)) < 1e-6 and ratio >= 1 else 1
+    return info.min - int(zp), info.max - int(zp), step
+
+
+def _threshold_exact_bias(beta: float, w_row: np.ndarray, s_x: float, s_w: float, s_y: float,
+                          levels: tuple[int, int], x_range: tuple[int, int, int]) -> tuple[int, float] | None:
+    """Int32 bias B and weight-scale factor c with which integer kernels requantize one output channel
+    exactly as the float layer does, for every reachable accumulator; None if the search finds none.
+
+    The float layer gives level j+1 or more iff acc ≥ t_j = (j + ½)·s_y/S − b/S (S = s_x·s_w); an integer
+    kernel iff acc ≥ u_j = (j + ½)/M − B with M = s_x·s_w·c/s_y in float32. Accumulators are multiples of G
+    (input step × gcd of the weights), so each threshold only needs u_j in (L_j − G, L_j], L_j the first
+    multiple of G at or above t_j. Rounding b alone misses that by up to ½ for each threshold; choosing B
+    and a slightly rescaled c (which moves the thresholds apart) meets all of them.
+    """
+    lo_x, hi_x, step = x_range
+    w = w_row.astype(np.int64)
+    a_min, a_max = float(np.minimum(w * lo_x, w * hi_x).sum()), float(np.maximum(w * lo_x, w * hi_x).sum())
+    g = int(np.gcd.reduce(np.abs(w))) * step
+    if g == 0:
+        return None
+    S = s_x * s_w
+    j = np.arange(levels[0], levels[1], dtype=np.float64) + 0.5
+    t = j * s_y / S - beta
+    keep = (t > a_min - g) & (t < a_max + g)
+    if not keep.any():
+        return int(np.rint(beta)), 1.0
+    j, t = j[keep], t[keep]
+    last = g * np.ceil(t / g)
+    margin = min(3e-7 * float(np.abs(t).max()) + 1e-3, g / 4)  # float32 requantization error
+    span = float(j.max()) * s_y / S
+    for i in range(256):
+        c = 1.0 + ((i * 0.6180339887) % 1.0 - 0.5) * 2 * g / span * min(i, 1) * (1 + i // 64)
+        m = np.float64((np.float32(s_x) * np.float32(s_w * c)) / np.float32(s_y))
+        u0 = j / m
+        b_lo, b_hi = float(np.max(u0 - last)) + margin, float(np.min(u0 - last + g)) - margin
+        b = min(max(np.rint(beta), np.ceil(b_lo)), np.floor(b_hi))
+        if b_lo <= b <= b_hi:
+            return int(b), float(c)
+    return None
+
+
 def quantize_bias(model: onnx.ModelProto, sign_eps: float | None = None) -> onnx.ModelProto:
     """Float bias of a Conv/Gemm fed by DQ(x) and DQ(int weight) → DQ(int32 bias, s_x·s_w).
 
-    Layers feeding a binary activation (Q with scale ``sign_eps``) get a bias that preserves every sign."""
+    Rounding the bias to that grid would move the layer's requantization thresholds by up to half an
+    accumulator unit, which flips coarse (2-4-bit) activations and, through residual nets, their outputs.
+    So each channel gets a bias (and, where needed, a weight scale changed by a few ppm) with which
+    integer kernels pick the same level as the float layer for every reachable accumulator
+    (:func:`_threshold_exact_bias`); layers feeding a binary activation get :func:`_sign_exact_bias`."""
     consts = _const_values(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     users: dict[str, list] = {}
@@ -153,13 +235,28 @@ def quantize_bias(model: onnx.ModelProto, sign_eps: float | None = None) -> onnx
             continue
         if dq_x.input[1] not in consts or dq_w.input[1] not in consts:
             continue
-        s_x = consts[dq_x.input[1]].astype(np.float64).reshape(())
-        s_w = consts[dq_w.input[1]].astype(np.float64).reshape(-1)
+        s_x = float(consts[dq_x.input[1]])
+        w_int = consts[dq_w.input[0]]
+        s_w = consts[dq_w.input[1]].astype(np.float64).reshape(-1) * np.ones(w_int.shape[0])
         bias = consts[node.input[2]].astype(np.float64)
-        scale = (s_x * s_w * np.ones_like(bias)).astype(np.float32)
-        b_int = np.rint(bias / scale)
+        beta = bias / (s_x * s_w)
+        b_int, factor = np.rint(beta), np.ones_like(s_w)
+        out = _output_levels(node, users, consts)
         if _feeds_sign(node, users, consts, sign_eps):
-            b_int = _sign_exact_bias(bias / scale, consts[dq_w.input[0]])
+            b_int = _sign_exact_bias(beta, w_int)
+        elif out is not None:
+            x_range = _input_range(dq_x, producer, consts)
+            rows = w_int.reshape(len(bias), -1)
+            for c in range(len(bias)):
+                found = _threshold_exact_bias(beta[c], rows[c], s_x, s_w[c], out[0], out[1:], x_range)
+                if found is not None:
+                    b_int[c], factor[c] = found
+        if (factor != 1).any():
+            s_w = s_w * factor
+            name = dq_w.input[1] + "_exact"
+            new_inits.append(numpy_helper.from_array(s_w.astype(np.float32), name))
+            dq_w.input[1] = name
+        scale = (np.float32(s_x) * s_w.astype(np.float32)).astype(np.float32)
         b_int = np.clip(b_int, -(2**31), 2**31 - 1).astype(np.int32)
         base = node.input[2] + "_int32"
         new_inits += [numpy_helper.from_array(b_int, base), numpy_helper.from_array(scale, base + "_scale"),
