@@ -3,12 +3,13 @@
 Usage: python benchmarks/perf.py [--only adder,qat,data] [--repeats 20]
 
 - adder: forward + backward of one ResNet-20-size layer (32→32 channels, 3×3, 16×16 maps, batch 64) for the
-  naive unfold-and-broadcast AdderNet (materialises N×L×O×K, autograd), qkit's Adder2d (cdist forward, the
-  paper's gradients, fused input gradient) and nn.Conv2d of the same shape. Each variant runs in a fresh
+  naive unfold-and-broadcast AdderNet (materialises N×L×O×K, autograd), qkit's Adder2d (torch.compile'd
+  distance and input-gradient loops, the paper's gradients) and nn.Conv2d of the same shape. Each variant runs in a fresh
   process that reports its median step time and peak RSS growth (VmHWM), so memory is per variant.
 - qat: one SGD step (forward, backward, update) of lenet5 at batch 128 on 28×28 input for fp32, int8, w2a2
   and w1a1 models built by qkit.quantize, in steady state (after the 300 forwards in which Brevitas'
-  activation quantizers initialise their scales from percentiles); ratio to fp32.
+  activation quantizers initialise their scales from percentiles); ratio to fp32. int8 and w2a2 also run
+  with Brevitas's stock eager activation quantizers in place of qkit's fused kernel (the "before" rows).
 - data: steps/s of qkit's real batch path (index the pre-loaded train tensor, ±2 px shift) vs the same
   model step on one fixed pre-built batch.
 All ratios are measured in one run, interleaved where they share a process; medians over --repeats.
@@ -95,14 +96,22 @@ def bench_adder(repeats: int) -> list[dict]:
 
 
 def bench_qat(repeats: int) -> list[dict]:
+    import brevitas.quant as bq
+
     import qkit
+    import qkit.quant
 
     torch.manual_seed(0)
     x = torch.randn(128, 1, 28, 28)
     y = torch.randint(0, 10, (128,))
     steps = {}
-    for name in ("fp32", "int8", "w2a2", "w1a1"):
-        model = qkit.quantize(qkit.create_model("lenet5", 10, (1, 28, 28)), qkit.load_recipe(name)).train()
+    fused = qkit.quant._act_quantizers
+    for name in ("fp32", "int8", "w2a2", "w1a1", "int8 stock", "w2a2 stock"):
+        recipe, _, stock = name.partition(" ")
+        if stock:  # Brevitas's own activation quantizers: the eager chain of about ten ops each way
+            qkit.quant._act_quantizers = lambda: (bq.Uint8ActPerTensorFloat, bq.ShiftedUint8ActPerTensorFloat)
+        model = qkit.quantize(qkit.create_model("lenet5", 10, (1, 28, 28)), qkit.load_recipe(recipe)).train()
+        qkit.quant._act_quantizers = fused
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         with torch.no_grad():  # past Brevitas' statistics phase (first 300 training forwards: percentiles)
             for _ in range(310):
@@ -123,9 +132,10 @@ def bench_qat(repeats: int) -> list[dict]:
             fn()
             times[name].append((time.perf_counter() - t) * 1e3)
     med = {n: float(np.median(v)) for n, v in times.items()}
-    print(f"QAT step, lenet5, batch 128, median of {repeats} interleaved:")
+    print(f"QAT step, lenet5, batch 128, median of {repeats} interleaved ('stock': Brevitas's eager activation "
+          f"quantizers):")
     for n, v in med.items():
-        print(f"  {n:<5} {v:7.2f} ms   {v / med['fp32']:.2f}× fp32")
+        print(f"  {n:<10} {v:7.2f} ms   {v / med['fp32']:.2f}× fp32")
     return [{"recipe": n, "step_ms": round(v, 2), "vs_fp32": round(v / med["fp32"], 2)} for n, v in med.items()]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import brevitas.nn as qnn
+import pytest
 import torch
 from torch import nn
 
@@ -56,15 +57,15 @@ def test_w1a1_uses_binary_layers_and_sign_activations():
 
 def test_adder_gradients_follow_the_paper():
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 6, requires_grad=True)
+    x = torch.randn(10, 6, requires_grad=True)  # 10 patches (rows) of K = 6
     w = torch.randn(3, 6, requires_grad=True)
     y = _AdderFn.apply(x, w, 0.2)
-    diff = x[:, :, None, :] - w[None, None]  # (N, L, O, K)
+    diff = x[:, None, :] - w[None]  # (rows, O, K)
     assert torch.allclose(y, -diff.abs().sum(-1), atol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)
-    grad_x = (g[..., None] * (-diff).clamp(-1, 1)).sum(2)  # HardTanh(w − x)
-    grad_w = (g[..., None] * diff).sum((0, 1))  # full precision x − w
+    grad_x = (g[..., None] * (-diff).clamp(-1, 1)).sum(1)  # HardTanh(w − x)
+    grad_w = (g[..., None] * diff).sum(0)  # full precision x − w
     grad_w = grad_w * 0.2 * 18 ** 0.5 / grad_w.norm()  # adaptive learning rate, η = 0.2, k = 18
     assert torch.allclose(x.grad, grad_x, atol=1e-5)
     assert torch.allclose(w.grad, grad_w, atol=1e-5)
@@ -99,11 +100,50 @@ def test_user_model_with_depthwise_concat_and_other_activations(tmp_path, monkey
     assert q(torch.randn(2, 1, 8, 8)).shape == (2, 4)
 
 
-def test_adder_input_gradient_routes_agree():
-    from qkit.quant.adder import _grad_x, _grad_x_eager, _grad_x_fused
+def test_adder_compiled_kernels_agree_with_eager_ones():
+    from qkit.quant import adder
 
     torch.manual_seed(1)
-    x, w, g = torch.randn(3, 7, 20), torch.randn(5, 20), torch.randn(3, 7, 5)
-    ref = _grad_x_fused(x, w, g)  # the formula, eager
-    assert torch.allclose(_grad_x_eager(x, w, g), ref, atol=1e-5)  # chunked fallback
-    assert torch.allclose(_grad_x(x, w, g), ref, atol=1e-5)  # torch.compile route (or its fallback)
+    w = torch.randn(5, 20)
+    for rows in (21, 64):  # a second row count reuses the compiled kernel (rows are dynamic)
+        x, g = torch.randn(rows, 20), torch.randn(rows, 5)
+        assert torch.allclose(adder._distance(x, w), adder._distance_eager(x, w), atol=1e-4)
+        ref = adder._grad_x_fused(x, w, g)  # the formula, eager
+        assert torch.allclose(adder._grad_x_eager(x, w, g), ref, atol=1e-5)  # chunked fallback
+        assert torch.allclose(adder._grad_x(x, w, g), ref, atol=1e-5)
+    assert not (adder._distance.failed or adder._grad_x.failed)  # the compiled route ran (g++ is here)
+
+
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_fused_activation_quantizer_matches_brevitas_forward_and_gradients(unsigned):
+    """Training runs Brevitas's activation quantizers through qkit's fused kernel; values and gradients
+    (input, learned scale and zero point) are those of Brevitas's own eager IntQuant."""
+    import brevitas.nn as qnn
+    from brevitas.quant import ShiftedUint8ActPerTensorFloat, Uint8ActPerTensorFloat
+
+    from qkit.quant import _act_quant
+
+    torch.manual_seed(0)
+    ours = _act_quant(4, unsigned)
+    cls, quant = (qnn.QuantReLU, Uint8ActPerTensorFloat) if unsigned else (qnn.QuantIdentity,
+                                                                           ShiftedUint8ActPerTensorFloat)
+    ref = cls(act_quant=quant, bit_width=4)
+    x = torch.randn(64, 8, 5, 5) * 2
+    for m in (ours, ref):
+        m.train()
+        with torch.no_grad():  # the statistics phase, then learned parameters
+            for _ in range(301):
+                m(x)
+    ref.load_state_dict(ours.state_dict())
+    grads = []
+    for m in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append((y.detach(), xi.grad, [p.grad.clone() for p in m.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = grads
+    assert torch.equal(y1, y2)
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=0)  # Brevitas's is g·s/s, ours g
+    assert len(gp1) == len(gp2) >= 1
+    for a, b in zip(gp1, gp2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -94,8 +94,10 @@ def _make(name, x_train, y_train, x_test, y_test, labels, scale) -> Dataset:
             x = x[:, None]
         return torch.from_numpy(np.ascontiguousarray(x))
 
-    return Dataset(name, t(x_train), torch.as_tensor(np.asarray(y_train), dtype=torch.long),
-                   t(x_test), torch.as_tensor(np.asarray(y_test), dtype=torch.long), labels, scale)
+    def labels_of(y):  # a copy: labels read with np.frombuffer are read-only, which torch warns about
+        return torch.from_numpy(np.array(y, dtype=np.int64))
+
+    return Dataset(name, t(x_train), labels_of(y_train), t(x_test), labels_of(y_test), labels, scale)
 
 
 def _digits(_: str | None) -> Dataset:

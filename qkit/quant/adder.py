@@ -10,66 +10,63 @@ Adaptive learning rate: the weight gradient of each layer is rescaled to η·√
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qkit.quant.fused import Fused
 from qkit.quant.quantizers import int_weight
 
 # Bound on the N×O×K×L elements the eager input gradient materialises at once (about 64 MB of fp32).
 _CHUNK_ELEMENTS = 16 * 2**20
-_compiled: list = []  # [fn] once torch.compile succeeded, [None] when it is unavailable or disabled
+
+
+def _distance_fused(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return -(x.unsqueeze(1) - w).abs().sum(-1)
+
+
+def _grad_x_fused(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return (g.unsqueeze(-1) * (w - x.unsqueeze(1)).clamp(-1, 1)).sum(1)
+
+
+def _distance_eager(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return -torch.cdist(x.unsqueeze(0), w.unsqueeze(0), p=1)[0]
 
 
 def _grad_x_eager(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     grad_x = torch.empty_like(x)
-    n, l, k = x.shape
-    step = max(1, _CHUNK_ELEMENTS // (w.shape[0] * k * l))
-    for i in range(0, n, step):
-        diff = (w - x[i:i + step].unsqueeze(2)).clamp_(-1, 1)  # (n, L, O, K)
-        grad_x[i:i + step] = torch.matmul(g[i:i + step].unsqueeze(2), diff).squeeze(2)
+    step = max(1, _CHUNK_ELEMENTS // (w.shape[0] * w.shape[1]))
+    for i in range(0, len(x), step):
+        diff = (w - x[i:i + step].unsqueeze(1)).clamp_(-1, 1)  # (rows, O, K)
+        grad_x[i:i + step] = torch.matmul(g[i:i + step].unsqueeze(1), diff).squeeze(1)
     return grad_x
 
 
-def _grad_x_fused(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return (g.unsqueeze(-1) * (w - x.unsqueeze(2)).clamp(-1, 1)).sum(2)
-
-
-def _grad_x(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """dX[n,l,k] = Σ_o g[n,l,o]·HardTanh(w[o,k] − x[n,l,k]).
-
-    torch.compile fuses this into one loop without the N×L×O×K intermediate (about 10× faster than the
-    chunked eager version on a LeNet layer); without a working compiler, or with QKIT_NO_COMPILE=1, the
-    chunked eager version runs instead.
-    """
-    if not _compiled:
-        _compiled.append(None if os.environ.get("QKIT_NO_COMPILE") else torch.compile(_grad_x_fused, dynamic=True))
-    if _compiled[0] is not None and x.device.type == "cpu":
-        try:
-            return _compiled[0](x, w, g)
-        except Exception:  # inductor needs a C++ toolchain; fall back rather than fail training
-            _compiled[0] = None
-    return _grad_x_eager(x, w, g)
+# torch.compile turns each into one loop nest with no rows×O×K intermediate: on a ResNet-20 layer (batch
+# 64) the distance takes 5 ms instead of cdist's 57 ms, the input gradient 10 ms. Only the row count is
+# dynamic, so the loops stay vectorised over K and O.
+_distance = Fused(_distance_fused, _distance_eager, rows=(0,))
+_grad_x = Fused(_grad_x_fused, _grad_x_eager, rows=(0, 2))
 
 
 class _AdderFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eta: float) -> torch.Tensor:
-        # x: (N, L, K) patches, w: (O, K) → (N, L, O); cdist(p=1) never materialises N×L×O×K.
+        # x: (rows, K) patches, w: (O, K) → (rows, O), never materialising rows×O×K.
         ctx.save_for_backward(x, w)
         ctx.eta = eta
-        return -torch.cdist(x, w.unsqueeze(0), p=1)
+        return _distance(x, w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, w = ctx.saved_tensors  # g: (N, L, O)
-        # dW[o,k] = Σ_{n,l} g[n,l,o]·(x[n,l,k] − w[o,k]): one matmul and a row sum, no big tensor.
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        grad_w = g2.t() @ x2 - w * g2.sum(0).unsqueeze(1)
+        x, w = ctx.saved_tensors  # g: (rows, O)
+        g = g.contiguous()
+        # dW[o,k] = Σ_r g[r,o]·(x[r,k] − w[o,k]): one matmul and a row sum, no big tensor.
+        grad_w = g.t() @ x - w * g.sum(0).unsqueeze(1)
         grad_w = grad_w * (ctx.eta * math.sqrt(w.numel()) / grad_w.norm().clamp_min(1e-12))
-        return _grad_x(x.contiguous(), w, g.contiguous()), grad_w, None
+        # dX[r,k] = Σ_o g[r,o]·HardTanh(w[o,k] − x[r,k])
+        return _grad_x(x, w, g), grad_w, None
 
 
 class Adder2d(nn.Module):
@@ -98,8 +95,8 @@ class Adder2d(nn.Module):
         oh = (h + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         ow = (w + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
         patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride).transpose(1, 2)
-        y = _AdderFn.apply(patches, self.quant_weight().flatten(1), self.eta)  # (N, L, O)
-        y = y.transpose(1, 2).reshape(n, -1, oh, ow)
+        y = _AdderFn.apply(patches.reshape(-1, patches.shape[-1]), self.quant_weight().flatten(1), self.eta)
+        y = y.view(n, oh * ow, -1).transpose(1, 2).reshape(n, -1, oh, ow)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
