@@ -139,6 +139,15 @@ def check(bundle, baseline, data, max_drop, quiet, as_json) -> None:
         p = r["parity"]
         lines.append(f"  parity with PyTorch: {p['agreement']:.2f}% same class (≥ {p['min_agreement']} needed), "
                      f"max |Δlogit| {p['max_abs_logit_diff']:.4g}")
+    if "packed" in r:
+        k = r["packed"]
+        lines.append(f"  {k['file']} (packed low-bit weights): {k['agreement_with_runtime_file']:.2f}% same class "
+                     f"as model.onnx")
+    x = r.get("executorch")
+    if x:
+        lines.append(f"  model.pte (ExecuTorch): skipped, {x['skipped']}" if "skipped" in x else
+                     f"  model.pte (ExecuTorch): {x['agreement']:.2f}% same class as PyTorch (≥ {x['min_agreement']}"
+                     f" needed), max |Δlogit| {x['max_abs_logit_diff']:.4g}")
     if "baseline" in r:
         b = r["baseline"]
         lines.append(f"  vs baseline {b['top1']:.2f}%: drop {b['drop']:+.2f} points (max {b['max_drop']})")

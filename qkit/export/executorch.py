@@ -9,7 +9,11 @@ int8 kernels. ExecuTorch is an optional extra (``pip install -e '.[mobile]'``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,10 @@ def unsupported(recipe: Recipe) -> str | None:
 
 
 def installed() -> bool:
+    # torchao (imported by ExecuTorch) logs warnings about its CUDA-only kernels and torch's pytree API on
+    # import; they say nothing about this export, so they are kept off the user's terminal.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import executorch  # noqa: F401
     except ImportError:
@@ -129,6 +137,25 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
 _COMPUTE = ("convolution", "linear", "addmm", "mm")
 
 
+def _one_dequantize_per_user(ep: torch.export.ExportedProgram) -> None:
+    """Give every consumer of a shared dequantize node its own copy, as PT2E's convert does.
+
+    A residual block's input DQ feeds both its first conv and its Add; shared, it lands in one XNNPACK
+    partition while the other depends on it through the block, and the partitioner fails with "dependency
+    cycles" (MobileNetV2). Copies compute the same values, so this is exact."""
+    dq = _ops().dequantize_per_tensor.default
+    graph = ep.graph_module.graph
+    for node in list(graph.nodes):
+        if node.target != dq:
+            continue
+        for user in list(node.users)[1:]:
+            with graph.inserting_after(node):
+                copy_ = graph.call_function(dq, node.args, node.kwargs)
+            copy_.meta = dict(node.meta)
+            user.replace_input_with(node, copy_)
+    ep.graph_module.recompile()
+
+
 def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], path: Path) -> dict[str, Any]:
     """Lower to XNNPACK, write ``path`` and return what was delegated (conv/linear nodes in and out)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -137,6 +164,7 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     model = for_executorch(deploy) if recipe.is_quantized else deploy
     with torch.no_grad():
         ep = torch.export.export(model.eval(), (torch.zeros(1, *input_shape),))
+    _one_dequantize_per_user(ep)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
     left = sum(1 for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE))
@@ -148,10 +176,26 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
             "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null for the block: C++ libraries write there directly. Python
+    exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_pte(path: Path, x: np.ndarray) -> np.ndarray:
     """Logits of ``x`` (N, C, H, W) through ExecuTorch's runtime, one image at a time (the .pte is batch 1)."""
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(str(path)).load_method("forward")
+    with _native_stderr_silenced():  # XNNPACK's cpuinfo prints probe failures of ARM-only files on x86
+        method = Runtime.get().load_program(str(path)).load_method("forward")
     # outputs alias the method's planned memory: copy each before the next call overwrites it
     return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy().copy() for i in range(len(x))])
