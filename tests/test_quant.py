@@ -1,6 +1,8 @@
 """Quantization: what `qkit.quantize` builds, and the binary and AdderNet gradients of the papers."""
 from __future__ import annotations
 
+import os
+
 import brevitas.nn as qnn
 import pytest
 import torch
@@ -111,7 +113,8 @@ def test_adder_compiled_kernels_agree_with_eager_ones():
         ref = adder._grad_x_fused(x, w, g)  # the formula, eager
         assert torch.allclose(adder._grad_x_eager(x, w, g), ref, atol=1e-5)  # chunked fallback
         assert torch.allclose(adder._grad_x(x, w, g), ref, atol=1e-5)
-    assert not (adder._distance.failed or adder._grad_x.failed)  # the compiled route ran (g++ is here)
+    if not os.environ.get("QKIT_NO_COMPILE"):  # the compiled route ran (g++ is on this machine and in CI)
+        assert not (adder._distance.failed or adder._grad_x.failed)
 
 
 @pytest.mark.parametrize("unsigned", [True, False])
