@@ -65,12 +65,13 @@ def int_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _RoundSTE.apply(w / scale).clamp(-qmax, qmax) * scale, scale
 
 
-def _fake_quant_forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+def _fake_quant_forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: torch.Tensor,
+                        hi: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / s) + z, lo, hi) - z) * s
 
 
-def _fake_quant_backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: float,
-                         hi: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fake_quant_backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: torch.Tensor,
+                         hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     v = x / s
     r = torch.round(v) + z
     inside = (r >= lo) & (r <= hi)
@@ -79,7 +80,8 @@ def _fake_quant_backward(g: torch.Tensor, x: torch.Tensor, s: torch.Tensor, z: t
             (g * torch.where(inside, 0.0, -s)).sum())
 
 
-# One compiled kernel for every activation shape: elementwise work vectorises without static shapes.
+# One compiled kernel each way for every activation: tensors go in flattened and the bounds as 0-d tensors,
+# so neither a new shape, rank nor bit width triggers a recompile.
 _fq_forward = Fused(_fake_quant_forward, dynamic=True)
 _fq_backward = Fused(_fake_quant_backward, dynamic=True)
 
@@ -87,15 +89,15 @@ _fq_backward = Fused(_fake_quant_backward, dynamic=True)
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        ctx.save_for_backward(x, s, z)
-        ctx.bounds = lo, hi
-        return _fq_forward(x, s, z, lo, hi)
+        bounds = torch.tensor(lo, dtype=x.dtype), torch.tensor(hi, dtype=x.dtype)
+        ctx.save_for_backward(x, s, z, *bounds)
+        return _fq_forward(x.reshape(-1), s.reshape(()), z.reshape(()).to(x.dtype), *bounds).view_as(x)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, s, z = ctx.saved_tensors
-        gx, gs, gz = _fq_backward(g.contiguous(), x, s, z, *ctx.bounds)
-        return gx, gs.reshape(s.shape), gz.reshape(z.shape), None, None
+        x, s, z, lo, hi = ctx.saved_tensors
+        gx, gs, gz = _fq_backward(g.reshape(-1), x.reshape(-1), s.reshape(()), z.reshape(()).to(x.dtype), lo, hi)
+        return gx.view_as(x), gs.reshape(s.shape).to(s.dtype), gz.reshape(z.shape).to(z.dtype), None, None
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
