@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import qkit
+from latency import vs_fp32
 
 ALL = "fp32,fp16,int8,w4a8,w4a4,w2a8,w2a2,w1a8,w1a1,adder,adder-int8"
 
@@ -45,8 +46,7 @@ def main() -> None:
             if name == "fp32":
                 speed = "1 (reference)"
             else:
-                (r,) = qkit.bench([bundles[name]], runtimes=("ort-cpu",), threads=(1,), min_runs=200,
-                                  max_seconds=args.seconds, target_ci=0.005, vs=bundles["fp32"])
+                (r,) = vs_fp32(bundles[name], bundles["fp32"], seconds=args.seconds)
                 speed = f"{r['ratio_median']} ({r['ratio_ci95'][0]}–{r['ratio_ci95'][1]})"
             packed = files.get("model.packed.onnx", {}).get("bytes")
             packed_cell = f"{packed / 1024:.1f}" if packed else "—"

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-import qkit
-from latency import build
+from latency import build, vs_fp32
 
 
 def count_macs(path: Path) -> int:
@@ -70,8 +69,7 @@ def main() -> None:
         for model in args.models.split(","):
             bundles = build(model, ["fp32", "int8"], Path(tmp))
             macs = count_macs(bundles["fp32"] / "model.onnx")
-            (r,) = qkit.bench([bundles["int8"]], runtimes=("ort-cpu",), threads=(1,), min_runs=200,
-                              max_seconds=args.seconds, target_ci=0.005, vs=bundles["fp32"])
+            (r,) = vs_fp32(bundles["int8"], bundles["fp32"], seconds=args.seconds)
             fp, q = r["vs_median_ms"], r["median_ms"]
             rate = {"fp32": macs / fp / 1e6, "int8": macs / q / 1e6}
             pct = {k: f" ({100 * rate[k] / peak[f'{k}_gmac_s']:.0f} %)" if peak else "" for k in rate}

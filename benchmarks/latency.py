@@ -34,6 +34,13 @@ def build(model: str, recipes: list[str], root: Path) -> dict[str, Path]:
     return bundles
 
 
+def vs_fp32(bundle: Path, fp32: Path, runtimes: tuple[str, ...] = ("ort-cpu",), threads: tuple[int, ...] = (1,),
+            seconds: float = 3.0) -> list[dict]:
+    """``qkit.bench`` of ``bundle`` paired call by call with ``fp32`` (≥ 200 pairs, CI to 0.5 %)."""
+    return qkit.bench([bundle], runtimes=runtimes, threads=threads, min_runs=200, max_seconds=seconds,
+                      target_ci=0.005, vs=fp32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lenet5,resnet20,mobilenetv2")
@@ -50,8 +57,8 @@ def main() -> None:
         for model in args.models.split(","):
             bundles = build(model, recipes, Path(tmp))
             for name in recipes:
-                for r in qkit.bench([bundles[name]], runtimes=tuple(args.runtimes.split(",")), threads=threads,
-                                    min_runs=200, max_seconds=args.seconds, target_ci=0.005, vs=bundles["fp32"]):
+                for r in vs_fp32(bundles[name], bundles["fp32"], tuple(args.runtimes.split(",")), threads,
+                                 args.seconds):
                     rows.append({"model": model, **{k: v for k, v in r.items() if k not in ("bundle", "vs", "machine")}})
     facts = machine()
     print(f"{facts['cpu']}, {facts['cores']} cores; batch 1; ratio = bundle time / fp32 time, pair by pair "

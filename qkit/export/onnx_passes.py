@@ -113,11 +113,15 @@ def requantize_after_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _single_user(name: str, users: dict, op_types: tuple[str, ...]):
+    nxt = users.get(name, [])
+    return nxt[0] if len(nxt) == 1 and nxt[0].op_type in op_types else None
+
+
 def _feeds_sign(node, users, consts, sign_eps: float | None) -> bool:
     """Is the layer's only consumer the Q of a binary activation (scale ``sign_eps``)?"""
-    nxt = users.get(node.output[0], [])
-    return (sign_eps is not None and len(nxt) == 1 and nxt[0].op_type == "QuantizeLinear"
-            and nxt[0].input[1] in consts and float(consts[nxt[0].input[1]]) == sign_eps)
+    q = _single_user(node.output[0], users, ("QuantizeLinear",))
+    return sign_eps is not None and q is not None and q.input[1] in consts and float(consts[q.input[1]]) == sign_eps
 
 
 def _sign_exact_bias(b: np.ndarray, w_int: np.ndarray) -> np.ndarray:
@@ -130,11 +134,6 @@ def _sign_exact_bias(b: np.ndarray, w_int: np.ndarray) -> np.ndarray:
     g = np.gcd.reduce(np.abs(w_int.reshape(len(b), -1).astype(np.int64)), axis=1)
     t = np.ceil(-b / np.maximum(g, 1))
     return np.where(g >= 2, -g * t + g // 2, np.rint(b))
-
-
-def _single_user(name: str, users: dict, op_types: tuple[str, ...]):
-    nxt = users.get(name, [])
-    return nxt[0] if len(nxt) == 1 and nxt[0].op_type in op_types else None
 
 
 def _output_levels(node, users, consts) -> tuple[float, int, int] | None:

@@ -60,8 +60,7 @@ def _act_quantizers() -> tuple[type, type]:
         def forward(self, scale: torch.Tensor, zero_point: torch.Tensor, bit_width: torch.Tensor,
                     x: torch.Tensor) -> torch.Tensor:
             if torch.is_grad_enabled() and x.requires_grad and scale.numel() == zero_point.numel() == 1:
-                return fake_quant(x, scale, zero_point, float(self.min_int(bit_width)),
-                                  float(self.max_int(bit_width)))
+                return fake_quant(x, scale, zero_point, self.min_int(bit_width), self.max_int(bit_width))
             return super().forward(scale, zero_point, bit_width, x)
 
     return tuple(type(q.__name__, (q,), {"int_quant": OnnxOrderIntQuant})

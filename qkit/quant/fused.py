@@ -24,19 +24,20 @@ class Fused:
                  rows: tuple[int, ...] = ()) -> None:
         self.fn, self.eager, self.dynamic, self.rows = fn, eager or fn, dynamic, rows
         self.compiled: Callable | None = None
+        self.mark_dynamic: Callable | None = None
         self.failed = bool(os.environ.get("QKIT_NO_COMPILE"))
 
     def __call__(self, *args):
         if self.failed or args[0].device.type != "cpu":
             return self.eager(*args)
-        from torch import _dynamo
+        if self.compiled is None:  # torch._dynamo is imported here, once, not at qkit's import
+            from torch import _dynamo
 
-        if self.compiled is None:
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
+            self.compiled, self.mark_dynamic = torch.compile(self.fn, dynamic=self.dynamic), _dynamo.mark_dynamic
         try:
             for i in self.rows:
-                _dynamo.mark_dynamic(args[i], 0)
+                self.mark_dynamic(args[i], 0)
             return self.compiled(*args)
         except Exception:  # fall back rather than fail training
             self.failed = True

@@ -88,8 +88,9 @@ _fq_backward = Fused(_fake_quant_backward, dynamic=True)
 
 class _FakeQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        bounds = torch.tensor(lo, dtype=x.dtype), torch.tensor(hi, dtype=x.dtype)
+    def forward(ctx, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: torch.Tensor,
+                hi: torch.Tensor) -> torch.Tensor:
+        bounds = lo.to(x.dtype).reshape(()), hi.to(x.dtype).reshape(())
         ctx.save_for_backward(x, s, z, *bounds)
         return _fq_forward(x.reshape(-1), s.reshape(()), z.reshape(()).to(x.dtype), *bounds).view_as(x)
 
@@ -100,8 +101,10 @@ class _FakeQuant(torch.autograd.Function):
         return gx.view_as(x), gs.reshape(s.shape).to(s.dtype), gz.reshape(z.shape).to(z.dtype), None, None
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """Uniform affine fake quantization with a learnable per-tensor scale and zero point, fused.
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: torch.Tensor,
+               hi: torch.Tensor) -> torch.Tensor:
+    """Uniform affine fake quantization with a learnable per-tensor scale and zero point, fused
+    (``lo``/``hi``: the integer range as 0-d tensors, as Brevitas's ``min_int``/``max_int`` give it).
 
     Forward: y = s·(clamp(round(x/s) + z, lo, hi) − z), rounding before the shift as ONNX QuantizeLinear does.
     Backward (straight-through round, as autograd through Brevitas's IntQuant gives): ∂y/∂x = 1 where
