@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qkit-installed
 
-.PHONY: demo test install clean fashion-mnist
+.PHONY: demo test install clean fashion-mnist targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) targets
 	$(BIN)/qkit demo
+
+# The target CPUs of `qkit check --target`: qemu-user-static and an ARM64 python3.11 sysroot with ORT's aarch64
+# wheel, cached in $(VENV)/qkit-targets. Needs root and apt; otherwise it says so and those targets are skipped.
+targets: $(STAMP)
+	$(BIN)/python -m qkit.targets.install
 
 # The full Fashion-MNIST comes from Debian's package; installed when we are root with apt, else its tests skip.
 FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
@@ -26,7 +31,7 @@ fashion-mnist:
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; } ; } || \
 	  echo "note: dataset-fashion-mnist not installed (needs root and apt); its tests will skip"
 
-test: $(STAMP) fashion-mnist
+test: $(STAMP) fashion-mnist targets
 	$(BIN)/python -m pytest -q
 
 clean:

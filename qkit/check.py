@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -86,15 +86,57 @@ def _check_pte(bundle: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> d
             "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6), "min_agreement": PTE_MIN_AGREEMENT}
 
 
+def _check_targets(bundle: Path, manifest: dict[str, Any], x: np.ndarray, y: np.ndarray, ref: np.ndarray | None,
+                   native: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Per target CPU: the static overflow proof for its kernel family, then the bundle's ONNX and .ort
+    files run on its own kernels (native or emulated) against the PyTorch reference and the native run."""
+    import onnx
+
+    from qkit import targets
+    from qkit.export.overflow import prove
+
+    proof = prove(onnx.load(bundle / "model.onnx", load_external_data=False))
+    files = [f for f in ("model.onnx", "model.ort") if f in manifest["files"]]
+    out: dict[str, Any] = {}
+    for name in names:
+        bound = proof[targets.TARGETS[name].family]
+        entry: dict[str, Any] = {"family": targets.TARGETS[name].family, "proven_exact": bound.safe}
+        if not bound.safe:
+            entry["unsafe"] = f"layer {bound.layer} can reach {bound.worst} in a {bound.limit}-bounded accumulator"
+        reason = targets.unavailable(name)
+        if reason:
+            entry["skipped"] = reason
+        else:
+            for f, logits in zip(files, targets.run(name, [bundle / f for f in files], x)):
+                entry[f] = {"error": logits} if isinstance(logits, str) else {
+                    "top1": _top1(logits, y), "agreement_with_native": _top1(logits, native.argmax(1)),
+                    **({} if ref is None else {"agreement": _top1(logits, ref.argmax(1)),
+                                               "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6)})}
+        runs = [entry[f] for f in files if f in entry]
+        entry["passed"] = bound.safe and all("error" not in r and r.get("agreement", r["agreement_with_native"])
+                                             >= PARITY_MIN_AGREEMENT for r in runs)
+        out[name] = entry
+    return out
+
+
 def _top1(logits: np.ndarray, y: np.ndarray) -> float:
     """% of rows whose argmax is ``y`` (labels, or another model's argmax for agreement)."""
     return round(100.0 * float((logits.argmax(1) == y).mean()), 2)
 
 
 def check(bundle: str | Path, baseline: str | None = None, data: str | None = None,
-          max_drop: float | None = None) -> dict[str, Any]:
-    """Evaluate the bundle's ONNX model on the test split; writes and returns ``check.json``'s content."""
+          max_drop: float | None = None, targets: Sequence[str] | None = None) -> dict[str, Any]:
+    """Evaluate the bundle's ONNX model on the test split; writes and returns ``check.json``'s content.
+
+    ``targets``: target CPUs (:data:`qkit.targets.TARGETS`) to prove and run the bundle on; None means all
+    (those that cannot run here are reported as skipped, their overflow proof still gates), () none."""
+    from qkit.targets import TARGETS
+
     bundle = Path(bundle)
+    names = list(TARGETS) if targets is None else list(targets)
+    for name in names:
+        if name not in TARGETS:
+            raise QkitError(f"--target {name}: unknown; known targets: {', '.join(TARGETS)}")
     manifest = read_manifest(bundle)
     data = data or manifest["data"]
     shape = tuple(manifest["input"]["shape"][1:])
@@ -112,7 +154,7 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     logits = run_onnx(bundle / "model.onnx", x.astype(dtype))
     result: dict[str, Any] = {"bundle": str(bundle), "recipe": manifest["recipe"], "data": data,
                               "test_samples": int(len(y)), "top1": _top1(logits, y)}
-    parity_ok = True
+    parity_ok, ref = True, None
     if data == manifest["data"] and (bundle / "reference.npz").exists():
         ref = np.load(bundle / "reference.npz")["logits"]
         agreement = _top1(logits, ref.argmax(1))
@@ -126,6 +168,8 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
         result["packed"] = {"file": shipping["file"], "top1": _top1(packed, y), "agreement_with_runtime_file": same,
                             "bytes": manifest["files"][shipping["file"]]["bytes"]}
         parity_ok = parity_ok and same >= PARITY_MIN_AGREEMENT
+    result["targets"] = _check_targets(bundle, manifest, x, y, ref, logits, names)
+    targets_ok = all(t["passed"] for t in result["targets"].values())
     pte_ok = True
     if "model.pte" in manifest["files"] and "parity" in result:
         result["executorch"] = _check_pte(bundle, x, y, ref)
@@ -138,8 +182,9 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
                               "max_drop": limit}
         drop_ok = result["baseline"]["drop"] <= limit
     result["execution"] = execution_report(bundle / "model.onnx")
-    result["passed"] = bool(parity_ok and pte_ok and drop_ok)
+    result["passed"] = bool(parity_ok and pte_ok and drop_ok and targets_ok)
     result["failed"] = [name for name, ok in (("parity", parity_ok), ("executorch parity", pte_ok),
                                               ("accuracy drop", drop_ok)) if not ok]
+    result["failed"] += [f"target {name}" for name, t in result["targets"].items() if not t["passed"]]
     write_json(bundle / "check.json", result)
     return result

@@ -127,13 +127,20 @@ def export(run, out, opset, mobile, quiet, as_json) -> None:
 @click.option("--baseline", default=None, help="Bundle or run to compare accuracy against (e.g. the fp32 one).")
 @click.option("--data", default=None, help="Dataset to evaluate on. [default: the one it was trained on]")
 @click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points. [default: recipe's]")
+@click.option("--target", "targets", default="all", show_default=True,
+              help="Comma-separated target CPUs to prove and run the bundle on (x86-avx2, x86-vnni, arm64, "
+                   "arm64-dotprod), natively or emulated (make targets); 'none' for none.")
 @quiet_opt
 @json_opt
-def check(bundle, baseline, data, max_drop, quiet, as_json) -> None:
-    """Run BUNDLE in ONNX Runtime on the test split. Exit 0 pass, 1 gate failed, 2 bad input."""
+def check(bundle, baseline, data, max_drop, targets, quiet, as_json) -> None:
+    """Run BUNDLE in ONNX Runtime on the test split and on each target CPU's own kernels.
+
+    Exit 0 pass, 1 accuracy, parity or target gate failed, 2 bad input."""
     from qkit.check import check as run_check
 
-    r = run_check(bundle, baseline, data, max_drop)
+    names = None if targets == "all" else () if targets == "none" else tuple(
+        t.strip() for t in targets.split(",") if t.strip())
+    r = run_check(bundle, baseline, data, max_drop, targets=names)
     lines = [f"{r['recipe']}: top1 {r['top1']:.2f}% (ONNX Runtime, {r['test_samples']} test images)"]
     if "parity" in r:
         p = r["parity"]
@@ -148,6 +155,7 @@ def check(bundle, baseline, data, max_drop, quiet, as_json) -> None:
         lines.append(f"  model.pte (ExecuTorch): skipped, {x['skipped']}" if "skipped" in x else
                      f"  model.pte (ExecuTorch): {x['agreement']:.2f}% same class as PyTorch (≥ {x['min_agreement']}"
                      f" needed), max |Δlogit| {x['max_abs_logit_diff']:.4g}")
+    lines += [_target_line(name, t) for name, t in r["targets"].items()]
     if "baseline" in r:
         b = r["baseline"]
         lines.append(f"  vs baseline {b['top1']:.2f}%: drop {b['drop']:+.2f} points (max {b['max_drop']})")
@@ -156,6 +164,16 @@ def check(bundle, baseline, data, max_drop, quiet, as_json) -> None:
     lines.append("PASS" if r["passed"] else f"FAIL: {', '.join(r['failed'])}")
     _emit(as_json, r, "\n".join(lines))
     sys.exit(0 if r["passed"] else 1)
+
+
+def _target_line(name: str, t: dict[str, Any]) -> str:
+    proof = "proven exact" if t["proven_exact"] else f"NOT exact: {t['unsafe']}"
+    if "skipped" in t:
+        return f"  target {name}: {proof}; not run ({t['skipped']})"
+    runs = [f"{f} " + (f"error: {v['error']}" if "error" in v else f"{v.get('agreement', v['agreement_with_native']):.2f}%"
+                       + (f", max |Δlogit| {v['max_abs_logit_diff']:.4g}" if "max_abs_logit_diff" in v else ""))
+            for f, v in t.items() if f.startswith("model.")]
+    return f"  target {name}: {proof}; {'; '.join(runs)}"
 
 
 BENCH_CSV = ["bundle", "recipe", "runtime", "threads", "batch", "status", "reason", "median_ms", "ci95_ms", "p90_ms",

@@ -30,6 +30,13 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
     assert result["parity"]["agreement"] >= (99.0 if name == "w1a1" else 99.5)
     assert abs(result["top1"] - manifest["top1"]) <= 0.6
     assert json.loads((bundle / "check.json").read_text())["top1"] == result["top1"]
+    # Exact on every target CPU: proven for each kernel family, and the same answers where it runs.
+    assert manifest["integer_kernels"]["exact_on"] == ["x86-avx2", "x86-vnni", "arm64", "arm64-dotprod"]
+    for name, target in result["targets"].items():
+        assert target["proven_exact"] and target["passed"], (name, target)
+        for run in (v for k, v in target.items() if k.startswith("model.")):
+            assert run["agreement_with_native"] >= 99.9 and abs(run["top1"] - result["top1"]) <= 0.1, (name, run)
+            assert run["max_abs_logit_diff"] <= result["parity"]["max_abs_logit_diff"] + 1e-3, (name, run)
 
 
 @pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1"])

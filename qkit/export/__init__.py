@@ -21,6 +21,7 @@ import qkit
 from qkit.data import load_dataset
 from qkit.errors import QkitError
 from qkit.export import executorch as pte
+from qkit.export import overflow
 from qkit.export.lower import BINARY_EPS, low_bit_layers, lower
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
 from qkit.export.report import execution_report, session_options
@@ -111,7 +112,7 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
         executorch = _write_mobile(tmp, deploy, recipe, input_shape) if mobile else None
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = build_manifest(meta, recipe, input_shape, top1(ref_logits, y_test), files, opset,
-                                  execution_report(tmp / "model.onnx"), run, packed)
+                                  execution_report(tmp / "model.onnx"), run, packed, integer_kernels(proto))
         if executorch is not None:
             manifest["executorch"] = executorch
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -124,7 +125,7 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
 
 def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int, ...], torch_top1: float,
                    files: dict[str, Any], opset: int, report: dict[str, Any], run: str | Path,
-                   packed: onnx.ModelProto | None) -> dict[str, Any]:
+                   packed: onnx.ModelProto | None, kernels: dict[str, Any]) -> dict[str, Any]:
     roles = {"runtime": "model.onnx"}
     if packed is not None:
         roles["shipping"] = {"file": PACKED, "opset": packed.opset_import[0].version,
@@ -141,8 +142,17 @@ def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int,
         "adder": recipe.adder, "max_drop": recipe.max_drop,
         "model": meta["model"], "data": meta["data"], "seed": meta.get("seed"),
         "top1": torch_top1, "files": files, "opset": opset, "roles": roles,
-        "execution": report, "source_run": str(run), "qkit_version": qkit.__version__,
+        "execution": report, "integer_kernels": kernels,
+        "source_run": str(run), "qkit_version": qkit.__version__,
     }
+
+
+def integer_kernels(model: onnx.ModelProto) -> dict[str, Any]:
+    """The overflow proof of every integer layer per kernel family, and the target CPUs it makes exact."""
+    from qkit.targets import TARGETS
+
+    families = overflow.report(model)
+    return {"families": families, "exact_on": [t.name for t in TARGETS.values() if families[t.family]["safe"]]}
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qkit.quant import Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct, is_pass_through, set_module
+from qkit.quant import (INT_WEIGHT_MAX, Adder2d, BinaryConv2d, BinaryLinear, Recipe, SignAct, is_pass_through,
+                        set_module)
 
 
 class QuantAct(nn.Module):
@@ -64,12 +65,13 @@ class QuantWeightLayer(nn.Module):
         super().__init__()
         self.bits = bits
         # A negative folded scale (BN with γ < 0) flips that channel's integers instead. Low-bit integers
-        # are then spread over the int8 range (w·k, s/k with k = ⌊127 / max|w_c|⌋): the float weights are
-        # unchanged, but the int32 bias grid s_x·s_w becomes k times finer, which keeps ORT's integer
-        # kernels in parity with the trained model when activations are coarse (2-4 bits).
+        # are then spread (w·k, s/k with k = ⌊64 / max|w_c|⌋): the float weights are unchanged, but the
+        # int32 bias grid s_x·s_w becomes k times finer, which keeps ORT's integer kernels in parity with
+        # the trained model when activations are coarse (2-4 bits). ±64 is the widest that no x86 kernel's
+        # int16 pair sum can saturate on (see INT_WEIGHT_MAX).
         shape = (-1,) + (1,) * (int_weight.dim() - 1)
         int_weight = int_weight * torch.where(scale < 0, -1.0, 1.0).view(shape)
-        k = torch.floor(127 / int_weight.abs().flatten(1).amax(1).clamp_min(1))
+        k = torch.floor(INT_WEIGHT_MAX / int_weight.abs().flatten(1).amax(1).clamp_min(1)).clamp_min(1)
         scale = scale.abs() / k
         self.register_buffer("weight", int_weight * k.view(shape) * scale.view(shape))
         self.register_buffer("k", k)

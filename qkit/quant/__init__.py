@@ -25,7 +25,14 @@ from qkit.quant.quantizers import fake_quant
 from qkit.quant.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 
 __all__ = ["quantize", "Recipe", "load_recipe", "resolve_recipe", "parse_recipe", "list_recipes",
-           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "is_pass_through", "set_module"]
+           "Adder2d", "BinaryConv2d", "BinaryLinear", "SignAct", "is_pass_through", "set_module", "INT_WEIGHT_MAX"]
+
+# ORT's x86 int8 kernels without VNNI (AVX2, AVX-512BW) add each pair of uint8 × int8 products in a
+# saturating int16 (vpmaddubsw): 2·255·|w| ≤ 32767 needs |w| ≤ 64. So 8-bit layers train on the 7-bit
+# grid ±63 (stored in int8) and lower-bit integers are spread no wider than ±64 at export; the export's
+# overflow proof (qkit.export.overflow) checks every layer against every kernel family.
+INT_WEIGHT_MAX = 64
+TRAIN_WEIGHT_BITS_MAX = 7
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -92,7 +99,8 @@ def _compute_layer(m: nn.Module, bits: int, recipe: Recipe, adder: bool) -> nn.M
         if bits == 1:
             new = BinaryConv2d(**kw)
         elif bits <= 8:
-            new = qnn.QuantConv2d(**kw, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=bits)
+            new = qnn.QuantConv2d(**kw, weight_quant=Int8WeightPerChannelFloat,
+                                  weight_bit_width=min(bits, TRAIN_WEIGHT_BITS_MAX))
         else:
             return m
     elif isinstance(m, nn.Linear):
@@ -100,7 +108,8 @@ def _compute_layer(m: nn.Module, bits: int, recipe: Recipe, adder: bool) -> nn.M
         if bits == 1:
             new = BinaryLinear(**kw)
         elif bits <= 8:
-            new = qnn.QuantLinear(**kw, weight_quant=Int8WeightPerChannelFloat, weight_bit_width=bits)
+            new = qnn.QuantLinear(**kw, weight_quant=Int8WeightPerChannelFloat,
+                                  weight_bit_width=min(bits, TRAIN_WEIGHT_BITS_MAX))
         else:
             return m
     else:
