@@ -16,6 +16,7 @@ from qkit.export.report import execution_report, session_options
 from qkit.fileio import sha256, write_json
 
 PARITY_MIN_AGREEMENT = 99.5  # % of test images on which ONNX and PyTorch pick the same class
+TARGET_SAMPLES = 1000  # test images per emulated target by default: emulation runs ~50× slower than native
 PTE_MIN_AGREEMENT = 99.0     # the same for ExecuTorch's model.pte (XNNPACK rounds requantization its own way)
 
 
@@ -87,20 +88,26 @@ def _check_pte(bundle: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> d
 
 
 def _check_targets(bundle: Path, manifest: dict[str, Any], x: np.ndarray, y: np.ndarray, ref: np.ndarray | None,
-                   native: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+                   native: np.ndarray, names: Sequence[str], samples: int | None) -> dict[str, Any]:
     """Per target CPU: the static overflow proof for its kernel family, then the bundle's ONNX and .ort
-    files run on its own kernels (native or emulated) against the PyTorch reference and the native run."""
+    files run on its own kernels (native or emulated) against the PyTorch reference and the native run,
+    on ``samples`` test images evenly spread over the split (None: all)."""
     import onnx
 
     from qkit import targets
     from qkit.export.overflow import prove
 
+    if samples is not None and samples < len(x):
+        keep = np.unique(np.linspace(0, len(x) - 1, samples).round().astype(int))
+        x, y, native = x[keep], y[keep], native[keep]
+        ref = None if ref is None else ref[keep]
     proof = prove(onnx.load(bundle / "model.onnx", load_external_data=False))
     files = [f for f in ("model.onnx", "model.ort") if f in manifest["files"]]
     out: dict[str, Any] = {}
     for name in names:
         bound = proof[targets.TARGETS[name].family]
-        entry: dict[str, Any] = {"family": targets.TARGETS[name].family, "proven_exact": bound.safe}
+        entry: dict[str, Any] = {"family": targets.TARGETS[name].family, "proven_exact": bound.safe,
+                                 "samples": len(x)}
         if not bound.safe:
             entry["unsafe"] = f"layer {bound.layer} can reach {bound.worst} in a {bound.limit}-bounded accumulator"
         reason = targets.unavailable(name)
@@ -125,11 +132,13 @@ def _top1(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def check(bundle: str | Path, baseline: str | None = None, data: str | None = None,
-          max_drop: float | None = None, targets: Sequence[str] | None = None) -> dict[str, Any]:
+          max_drop: float | None = None, targets: Sequence[str] | None = None,
+          target_samples: int | None = TARGET_SAMPLES) -> dict[str, Any]:
     """Evaluate the bundle's ONNX model on the test split; writes and returns ``check.json``'s content.
 
     ``targets``: target CPUs (:data:`qkit.targets.TARGETS`) to prove and run the bundle on; None means all
-    (those that cannot run here are reported as skipped, their overflow proof still gates), () none."""
+    (those that cannot run here are reported as skipped, their overflow proof still gates), () none;
+    ``target_samples``: how many test images each target runs (None: the whole split)."""
     from qkit.targets import TARGETS
 
     bundle = Path(bundle)
@@ -168,7 +177,7 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
         result["packed"] = {"file": shipping["file"], "top1": _top1(packed, y), "agreement_with_runtime_file": same,
                             "bytes": manifest["files"][shipping["file"]]["bytes"]}
         parity_ok = parity_ok and same >= PARITY_MIN_AGREEMENT
-    result["targets"] = _check_targets(bundle, manifest, x, y, ref, logits, names)
+    result["targets"] = _check_targets(bundle, manifest, x, y, ref, logits, names, target_samples)
     targets_ok = all(t["passed"] for t in result["targets"].values())
     pte_ok = True
     if "model.pte" in manifest["files"] and "parity" in result:

@@ -130,9 +130,11 @@ def export(run, out, opset, mobile, quiet, as_json) -> None:
 @click.option("--target", "targets", default="all", show_default=True,
               help="Comma-separated target CPUs to prove and run the bundle on (x86-avx2, x86-vnni, arm64, "
                    "arm64-dotprod), natively or emulated (make targets); 'none' for none.")
+@click.option("--target-samples", default="1000", show_default=True,
+              help="Test images each target runs, evenly spread over the split (emulation is slow), or 'all'.")
 @quiet_opt
 @json_opt
-def check(bundle, baseline, data, max_drop, targets, quiet, as_json) -> None:
+def check(bundle, baseline, data, max_drop, targets, target_samples, quiet, as_json) -> None:
     """Run BUNDLE in ONNX Runtime on the test split and on each target CPU's own kernels.
 
     Exit 0 pass, 1 accuracy, parity or target gate failed, 2 bad input."""
@@ -140,7 +142,11 @@ def check(bundle, baseline, data, max_drop, targets, quiet, as_json) -> None:
 
     names = None if targets == "all" else () if targets == "none" else tuple(
         t.strip() for t in targets.split(",") if t.strip())
-    r = run_check(bundle, baseline, data, max_drop, targets=names)
+    samples = None if target_samples == "all" else _csv_ints(target_samples, "--target-samples")
+    if samples is not None and (len(samples) != 1 or samples[0] < 1):
+        raise QkitError(f"--target-samples takes a positive integer or 'all', got {target_samples!r}")
+    r = run_check(bundle, baseline, data, max_drop, targets=names,
+                  target_samples=None if samples is None else samples[0])
     lines = [f"{r['recipe']}: top1 {r['top1']:.2f}% (ONNX Runtime, {r['test_samples']} test images)"]
     if "parity" in r:
         p = r["parity"]
@@ -173,7 +179,7 @@ def _target_line(name: str, t: dict[str, Any]) -> str:
     runs = [f"{f} " + (f"error: {v['error']}" if "error" in v else f"{v.get('agreement', v['agreement_with_native']):.2f}%"
                        + (f", max |Δlogit| {v['max_abs_logit_diff']:.4g}" if "max_abs_logit_diff" in v else ""))
             for f, v in t.items() if f.startswith("model.")]
-    return f"  target {name}: {proof}; {'; '.join(runs)}"
+    return f"  target {name}: {proof}; {'; '.join(runs)} ({t['samples']} images)"
 
 
 BENCH_CSV = ["bundle", "recipe", "runtime", "threads", "batch", "status", "reason", "median_ms", "ci95_ms", "p90_ms",

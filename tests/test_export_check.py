@@ -31,12 +31,15 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
     assert abs(result["top1"] - manifest["top1"]) <= 0.6
     assert json.loads((bundle / "check.json").read_text())["top1"] == result["top1"]
     # Exact on every target CPU: proven for each kernel family, and the same answers where it runs.
+    ref = np.load(bundle / "reference.npz")["logits"]
     assert manifest["integer_kernels"]["exact_on"] == ["x86-avx2", "x86-vnni", "arm64", "arm64-dotprod"]
     for name, target in result["targets"].items():
         assert target["proven_exact"] and target["passed"], (name, target)
         for run in (v for k, v in target.items() if k.startswith("model.")):
             assert run["agreement_with_native"] >= 99.9 and abs(run["top1"] - result["top1"]) <= 0.1, (name, run)
-            assert run["max_abs_logit_diff"] <= result["parity"]["max_abs_logit_diff"] + 1e-3, (name, run)
+            # integer kernels give the native logits; fp16 differs where the CPU has fp16 arithmetic (ARM64)
+            tol = 1e-3 if load_recipe(manifest["recipe"]).is_quantized else 0.01 * float(np.abs(ref).max())
+            assert run["max_abs_logit_diff"] <= result["parity"]["max_abs_logit_diff"] + tol, (name, run)
 
 
 @pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1"])
@@ -66,7 +69,7 @@ def test_binary_bundle_weights_take_two_levels_per_channel(bundles):
 
 
 def test_adder_bundle_matches_pytorch_logits(bundles, runs):
-    result = qkit.check(bundles["adder"])
+    result = qkit.check(bundles["adder"], targets=())
     assert result["parity"]["agreement"] == 100.0
     ref = np.load(bundles["adder"] / "reference.npz")["logits"]
     assert result["parity"]["max_abs_logit_diff"] <= 1e-4 * np.abs(ref).max()
@@ -75,9 +78,9 @@ def test_adder_bundle_matches_pytorch_logits(bundles, runs):
 
 
 def test_baseline_gate(bundles):
-    ok = qkit.check(bundles["int8"], baseline=str(bundles["fp32"]), max_drop=5.0)
+    ok = qkit.check(bundles["int8"], baseline=str(bundles["fp32"]), max_drop=5.0, targets=())
     assert ok["passed"] and abs(ok["baseline"]["drop"]) <= 5.0
-    strict = qkit.check(bundles["int8"], baseline=str(bundles["fp32"]), max_drop=-100.0)
+    strict = qkit.check(bundles["int8"], baseline=str(bundles["fp32"]), max_drop=-100.0, targets=())
     assert not strict["passed"] and strict["failed"] == ["accuracy drop"]
 
 
@@ -126,7 +129,7 @@ def test_low_bit_weights_ship_packed_and_compute_the_same(bundles, name, dtype):
     width = 4 if dtype == onnx.TensorProto.INT4 else 2
     assert len(hidden) == 2 and all(len(i.raw_data) == -(-int(np.prod(i.dims)) * width // 8) for i in hidden)
     assert (bundle / "model.packed.onnx").stat().st_size < 0.7 * (bundle / "model.onnx").stat().st_size
-    result = qkit.check(bundle)
+    result = qkit.check(bundle, targets=())
     assert result["packed"]["agreement_with_runtime_file"] == 100.0 and result["passed"] in (True, False)
     assert "parity" not in result["failed"]
 
@@ -147,9 +150,13 @@ def test_cifar10_resnet20_recipes_train_and_export(cifar_fp32, tmp_path, name):
     run = tmp_path / name
     qkit.train("resnet20", "synthetic:3x32x32", recipe, epochs=1, out=run, progress=False,
                init=None if recipe.adder else str(cifar_fp32))
-    result = qkit.check(qkit.export(run, tmp_path / "bundle"))
+    # the integer ResNets on the x86 kernels whose int16 pair sums could saturate (AdderNet is float)
+    result = qkit.check(qkit.export(run, tmp_path / "bundle"), targets=() if recipe.adder else ("x86-avx2",))
     ref = np.load(tmp_path / "bundle" / "reference.npz")["logits"]
     # random labels leave near-ties, so parity is judged on the logits themselves
     assert result["parity"]["max_abs_logit_diff"] <= 0.1 * float(np.abs(ref).max())
     if not recipe.adder:
         assert result["execution"]["fp32"] == 0 and result["execution"]["int8"] == 22
+        avx2 = result["targets"]["x86-avx2"]
+        assert avx2["proven_exact"] and avx2.get("model.onnx", {"agreement_with_native": 100.0})[
+            "agreement_with_native"] == 100.0

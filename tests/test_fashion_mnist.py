@@ -41,8 +41,9 @@ def test_one_epoch_trains_exports_and_checks_on_the_10k_test_set(tmp_path):
     run, bundle = tmp_path / "run", tmp_path / "bundle"
     assert run_cli("train", "--data", "fashion-mnist", "--epochs", "1", "--out", str(run)).returncode == 0
     assert run_cli("export", str(run), "--out", str(bundle)).returncode == 0
-    result = run_cli("check", str(bundle), "--json")
+    result = run_cli("check", str(bundle), "--json", "--target", "x86-avx2")
     assert result.returncode == 0, result.stdout + result.stderr
     checked = json.loads(result.stdout)
     assert checked["test_samples"] == 10000
     assert checked["top1"] >= 84.0 and checked["parity"]["agreement"] >= 99.5
+    assert checked["targets"]["x86-avx2"]["samples"] == 1000  # emulation runs an evenly spread subset
