@@ -5,6 +5,7 @@ Exit semantics used by the CLI: 0 pass, 1 accuracy or parity gate failed, 2 bad 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,25 +21,63 @@ TARGET_SAMPLES = 1000  # test images per emulated target by default: emulation r
 PTE_MIN_AGREEMENT = 99.0     # the same for ExecuTorch's model.pte (XNNPACK rounds requantization its own way)
 
 
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def read_manifest(bundle: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The bundle's manifest, after checking every listed file against its size and sha256."""
+    """The bundle's manifest, after checking that every listed file is a plain file inside the bundle (no
+    path, no symlink) with its recorded size and sha256, and that model.onnx reads no external data."""
     bundle = Path(bundle)
     path = bundle / "manifest.json"
-    if not path.is_file():
+    if not path.is_file() or path.is_symlink():
         raise QkitError(f"{bundle}: not a bundle (no manifest.json)")
+    if path.stat().st_size > 16 << 20:
+        raise QkitError(f"{path}: {path.stat().st_size} bytes is not a manifest")
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         if not (manifest["input"]["shape"] and manifest["output"]["labels"] and "model.onnx" in files):
             raise KeyError("input.shape, output.labels or files['model.onnx']")
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise QkitError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        shipping = manifest.get("roles", {}).get("shipping")
+        if shipping and shipping["file"] not in files:
+            raise KeyError(f"roles.shipping.file {str(shipping['file'])[:80]!r} is not one of its files")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise QkitError(f"{path}: malformed manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+    for name in files:
+        if not (isinstance(name, str) and _FILE_NAME.fullmatch(name)):
+            raise QkitError(f"{bundle}: the manifest lists {str(name)[:80]!r}, which is not a file inside the bundle")
     if verify:
         for name, info in files.items():
             f = bundle / name
-            if not f.is_file() or f.stat().st_size != info["bytes"] or sha256(f) != info["sha256"]:
-                raise QkitError(f"{bundle}: {name} is missing, truncated or modified (sha256 mismatch)")
+            ok = f.is_file() and not f.is_symlink() and isinstance(info, dict)
+            if not ok or f.stat().st_size != info.get("bytes") or sha256(f) != info.get("sha256"):
+                raise QkitError(f"{bundle}: {name} is missing, truncated, modified or not a plain file "
+                                "(sha256 mismatch)")
+        _no_external_data(bundle, files)
     return manifest
+
+
+def _no_external_data(bundle: Path, files: dict[str, Any]) -> None:
+    """ONNX files may point at external weight files by path: a bundle's must not (they are unverified)."""
+    import onnx
+
+    for name in files:
+        if not name.endswith(".onnx"):
+            continue
+        try:
+            model = onnx.load(bundle / name, load_external_data=False)
+        except Exception:  # onnx raises protobuf's DecodeError and others on corrupt files
+            continue  # the runtime reports an unloadable model in one line
+        tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.t]
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+            raise QkitError(f"{bundle}: {name} reads weights from files outside it (external data); refused")
+
+
+def bundle_file(bundle: str | Path, manifest: dict[str, Any], name: str) -> Path:
+    """The path of a file the manifest lists (and :func:`read_manifest` verified); never anything else."""
+    if name not in manifest["files"]:
+        raise QkitError(f"{bundle}: {name} is not listed in its manifest")
+    return Path(bundle) / name
 
 
 def run_onnx(path: str | Path, x: np.ndarray, batch_size: int = 250, threads: int | None = None,
@@ -76,13 +115,14 @@ def _baseline_top1(baseline: str, data: str, x: np.ndarray, y: np.ndarray) -> fl
     raise QkitError(f"--baseline {baseline}: neither a bundle (manifest.json) nor a run (checkpoint.pt)")
 
 
-def _check_pte(bundle: Path, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+def _check_pte(bundle: Path, manifest: dict[str, Any], x: np.ndarray, y: np.ndarray,
+               ref: np.ndarray) -> dict[str, Any]:
     """ExecuTorch's runtime on model.pte: top-1 and agreement with the PyTorch model."""
     from qkit.export.executorch import installed, run_pte
 
     if not installed():
         return {"skipped": "ExecuTorch not installed (pip install -e '.[mobile]')"}
-    logits = run_pte(bundle / "model.pte", x)
+    logits = run_pte(bundle_file(bundle, manifest, "model.pte"), x)
     return {"top1": _top1(logits, y), "agreement": _top1(logits, ref.argmax(1)),
             "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6), "min_agreement": PTE_MIN_AGREEMENT}
 
@@ -101,7 +141,7 @@ def _check_targets(bundle: Path, manifest: dict[str, Any], x: np.ndarray, y: np.
         keep = np.unique(np.linspace(0, len(x) - 1, samples).round().astype(int))
         x, y, native = x[keep], y[keep], native[keep]
         ref = None if ref is None else ref[keep]
-    proof = prove(onnx.load(bundle / "model.onnx", load_external_data=False))
+    proof = prove(onnx.load(bundle_file(bundle, manifest, "model.onnx"), load_external_data=False))
     files = [f for f in ("model.onnx", "model.ort") if f in manifest["files"]]
     out: dict[str, Any] = {}
     for name in names:
@@ -114,7 +154,7 @@ def _check_targets(bundle: Path, manifest: dict[str, Any], x: np.ndarray, y: np.
         if reason:
             entry["skipped"] = reason
         else:
-            for f, logits in zip(files, targets.run(name, [bundle / f for f in files], x)):
+            for f, logits in zip(files, targets.run(name, [bundle_file(bundle, manifest, f) for f in files], x)):
                 entry[f] = {"error": logits} if isinstance(logits, str) else {
                     "top1": _top1(logits, y), "agreement_with_native": _top1(logits, native.argmax(1)),
                     **({} if ref is None else {"agreement": _top1(logits, ref.argmax(1)),
@@ -124,6 +164,18 @@ def _check_targets(bundle: Path, manifest: dict[str, Any], x: np.ndarray, y: np.
                                              >= PARITY_MIN_AGREEMENT for r in runs)
         out[name] = entry
     return out
+
+
+def _reference(path: Path, n: int) -> np.ndarray:
+    """The PyTorch logits recorded at export, as an (n, classes) float array, or a one-line error."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ref = z["logits"]
+    except Exception as exc:  # zipfile/numpy raise many types on corrupt files
+        raise QkitError(f"{path}: unreadable ({type(exc).__name__})") from None
+    if ref.ndim != 2 or len(ref) != n or not np.issubdtype(ref.dtype, np.floating):
+        raise QkitError(f"{path}: logits of shape {ref.shape} do not match the {n} test images")
+    return ref.astype(np.float32)
 
 
 def _top1(logits: np.ndarray, y: np.ndarray) -> float:
@@ -160,19 +212,20 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     x = ((ds.x_test.numpy() - mean) / std).astype(np.float32)
     y = ds.y_test.numpy()
     dtype = np.float16 if manifest["input"]["dtype"] == "float16" else np.float32
-    logits = run_onnx(bundle / "model.onnx", x.astype(dtype))
+    logits = run_onnx(bundle_file(bundle, manifest, "model.onnx"), x.astype(dtype))
     result: dict[str, Any] = {"bundle": str(bundle), "recipe": manifest["recipe"], "data": data,
+                              "model_sha256": manifest["files"]["model.onnx"]["sha256"],
                               "test_samples": int(len(y)), "top1": _top1(logits, y)}
     parity_ok, ref = True, None
-    if data == manifest["data"] and (bundle / "reference.npz").exists():
-        ref = np.load(bundle / "reference.npz")["logits"]
+    if data == manifest["data"] and "reference.npz" in manifest["files"]:
+        ref = _reference(bundle_file(bundle, manifest, "reference.npz"), len(y))
         agreement = _top1(logits, ref.argmax(1))
         result["parity"] = {"agreement": agreement, "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6),
                             "torch_top1": manifest["top1"], "min_agreement": PARITY_MIN_AGREEMENT}
         parity_ok = agreement >= PARITY_MIN_AGREEMENT
     shipping = manifest.get("roles", {}).get("shipping")
     if shipping:  # the packed file must compute what model.onnx computes
-        packed = run_onnx(bundle / shipping["file"], x.astype(dtype), basic=True)
+        packed = run_onnx(bundle_file(bundle, manifest, shipping["file"]), x.astype(dtype), basic=True)
         same = _top1(packed, logits.argmax(1))
         result["packed"] = {"file": shipping["file"], "top1": _top1(packed, y), "agreement_with_runtime_file": same,
                             "bytes": manifest["files"][shipping["file"]]["bytes"]}
@@ -181,7 +234,7 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     targets_ok = all(t["passed"] for t in result["targets"].values())
     pte_ok = True
     if "model.pte" in manifest["files"] and "parity" in result:
-        result["executorch"] = _check_pte(bundle, x, y, ref)
+        result["executorch"] = _check_pte(bundle, manifest, x, y, ref)
         pte_ok = result["executorch"].get("agreement", 100.0) >= PTE_MIN_AGREEMENT
     limit = manifest.get("max_drop", 1.0) if max_drop is None else max_drop
     drop_ok = True
@@ -190,10 +243,13 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
         result["baseline"] = {"source": str(baseline), "top1": base, "drop": round(base - result["top1"], 2),
                               "max_drop": limit}
         drop_ok = result["baseline"]["drop"] <= limit
-    result["execution"] = execution_report(bundle / "model.onnx")
+    result["execution"] = execution_report(bundle_file(bundle, manifest, "model.onnx"))
     result["passed"] = bool(parity_ok and pte_ok and drop_ok and targets_ok)
     result["failed"] = [name for name, ok in (("parity", parity_ok), ("executorch parity", pte_ok),
                                               ("accuracy drop", drop_ok)) if not ok]
     result["failed"] += [f"target {name}" for name, t in result["targets"].items() if not t["passed"]]
-    write_json(bundle / "check.json", result)
+    try:
+        write_json(bundle / "check.json", result)
+    except OSError as exc:  # a read-only bundle: the results are still returned (and printed by the CLI)
+        result["not_written"] = f"{bundle / 'check.json'}: {exc.strerror or exc}"
     return result

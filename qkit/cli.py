@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,12 +32,41 @@ def _csv_ints(value: str, name: str) -> tuple[int, ...]:
         raise QkitError(f"{name} takes comma-separated integers, got {value!r}") from None
 
 
+class _Finite(click.ParamType):
+    """A finite float (click's FLOAT takes nan and inf), optionally above (or at least) a bound."""
+
+    name = "number"
+
+    def __init__(self, above: float | None = None, at_least: float | None = None) -> None:
+        self.above, self.at_least = above, at_least
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.above is not None and number <= self.above:
+            self.fail(f"{value!r} must be above {self.above:g}", param, ctx)
+        if self.at_least is not None and number < self.at_least:
+            self.fail(f"{value!r} must be at least {self.at_least:g}", param, ctx)
+        return number
+
+
 quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bars or log lines.")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
+def _set_debug(ctx, param, value: bool) -> None:
+    if value:
+        os.environ["QKIT_DEBUG"] = "1"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="qkit")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show the Python traceback of an error (for bug reports); also QKIT_DEBUG=1.")
 def cli() -> None:
     """Quantization-aware training, ONNX export, checking and benchmarking for edge inference.
 
@@ -55,7 +85,7 @@ def cli() -> None:
 @click.option("--adder", is_flag=True, help="AdderNet recipe at --bits 32 (adder) or 8 (adder-int8).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Override the recipe's epochs.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Override the recipe's batch size.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Override the peak learning rate.")
+@click.option("--lr", type=_Finite(above=0), default=None, help="Override the peak learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--teacher", default=None, help="Run directory of a trained teacher for knowledge distillation.")
 @click.option("--init", default=None, help="Run directory of a float run to start QAT from.")
@@ -107,14 +137,19 @@ def _torchrun(nproc: int) -> int:
 @click.option("--out", default=None, help="Bundle directory. [default: export/RUN_NAME]")
 @click.option("--opset", type=int, default=None, help="ONNX opset (13-20). [default: the recipe's]")
 @click.option("--mobile", is_flag=True, help="Also write model.ort for ONNX Runtime Mobile.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it holds something other than a bundle.")
+@click.option("--model", default=None, metavar="PKG.MODULE:FACTORY",
+              help="The factory of a run trained with your own model (qkit never imports code named in a file).")
 @quiet_opt
 @json_opt
-def export(run, out, opset, mobile, quiet, as_json) -> None:
-    """Export a trained RUN to a bundle: model.onnx + manifest.json (+ model.ort)."""
+def export(run, out, opset, mobile, overwrite, model, quiet, as_json) -> None:
+    """Export a trained RUN to a bundle: model.onnx + manifest.json (+ model.ort, model.pte).
+
+    --out must be new, empty or an older bundle (replaced atomically once the new one is complete)."""
     from qkit.check import read_manifest
     from qkit.export import export as run_export
 
-    bundle = run_export(run, out, opset, mobile)
+    bundle = run_export(run, out, opset, mobile, overwrite=overwrite, model=model)
     m = read_manifest(bundle)
     e = m["execution"]
     _emit(as_json, {"bundle": str(bundle), **m},
@@ -126,7 +161,7 @@ def export(run, out, opset, mobile, quiet, as_json) -> None:
 @click.argument("bundle")
 @click.option("--baseline", default=None, help="Bundle or run to compare accuracy against (e.g. the fp32 one).")
 @click.option("--data", default=None, help="Dataset to evaluate on. [default: the one it was trained on]")
-@click.option("--max-drop", type=float, default=None, help="Allowed top-1 drop in points. [default: recipe's]")
+@click.option("--max-drop", type=_Finite(), default=None, help="Allowed top-1 drop in points. [default: recipe's]")
 @click.option("--target", "targets", default="all", show_default=True,
               help="Comma-separated target CPUs to prove and run the bundle on (x86-avx2, x86-vnni, arm64, "
                    "arm64-dotprod), natively or emulated (make targets); 'none' for none.")
@@ -169,6 +204,8 @@ def check(bundle, baseline, data, max_drop, targets, target_samples, quiet, as_j
     lines.append(f"  conv/matmul nodes after ORT optimisation: int8 {e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']}")
     lines.append("PASS" if r["passed"] else f"FAIL: {', '.join(r['failed'])}")
     _emit(as_json, r, "\n".join(lines))
+    if "not_written" in r:
+        raise QkitError(f"could not write {r['not_written']} (the results above are complete)")
     sys.exit(0 if r["passed"] else 1)
 
 
@@ -199,14 +236,16 @@ BENCH_CSV = ["bundle", "recipe", "runtime", "threads", "batch", "status", "reaso
                    "the time ratio pair by pair (robust to machine drift).")
 @click.option("--warmup", type=click.IntRange(0), default=10, show_default=True)
 @click.option("--runs", type=click.IntRange(1), default=50, show_default=True, help="Minimum timed runs.")
-@click.option("--seconds", type=click.FloatRange(0), default=3.0, show_default=True,
+@click.option("--seconds", type=_Finite(at_least=0), default=3.0, show_default=True,
               help="Time budget per configuration.")
-@click.option("--ci", "target_ci", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--ci", "target_ci", type=_Finite(at_least=0), default=1.0, show_default=True,
               help="Stop early once the median's 95%% CI half-width is within this many %% of it.")
 @click.option("--json", "json_file", default=None, help="Also write the results to this JSON file.")
 @click.option("--csv", "csv_file", default=None, help="Also write the results to this CSV file.")
+@click.option("--source-run", default=None, metavar="RUN", help="The trained run that the torch runtime times.")
 @quiet_opt
-def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci, json_file, csv_file, quiet) -> None:
+def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci, json_file, csv_file, source_run,
+          quiet) -> None:
     """Latency (median/p90/p99), throughput, file size and peak memory of BUNDLES per runtime.
 
     Each measurement runs in a fresh process with a pinned thread count."""
@@ -228,24 +267,35 @@ def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci
             line += f"  ×{row['ratio_median']:.3f} of --vs [{lo:.3f}, {hi:.3f}]"
         click.echo(line)
 
+    for path in filter(None, (json_file, csv_file)):  # refuse before the measurements, not after them
+        if Path(path).is_dir() or not Path(path).resolve().parent.is_dir():
+            raise QkitError(f"{path}: not a file in an existing folder")
     rows = run_bench(list(bundles), tuple(r.strip() for r in runtime.split(",") if r.strip()),
                      _csv_ints(threads, "--threads"), _csv_ints(batch, "--batch"), warmup, runs, seconds,
-                     target_ci / 100, vs, show)
+                     target_ci / 100, vs, show, source_run)
     if json_file:
         write_json(json_file, rows)
     if csv_file:
         write_csv(csv_file, rows, BENCH_CSV)
+    unwritten = sorted({r["not_written"] for r in rows if "not_written" in r})
+    if unwritten:
+        raise QkitError(f"could not write {unwritten[0]} (the results above are complete)")
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        click.echo(f"FAIL: {len(failed)} of {len(rows)} measurements failed", err=True)
+        sys.exit(1)
 
 
 @cli.command()
 @click.argument("bundles", nargs=-1, required=True)
 @click.option("--out", default="reports/compare", show_default=True, help="Report directory.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it holds something other than a report.")
 @json_opt
-def compare(bundles, out, as_json) -> None:
+def compare(bundles, out, overwrite, as_json) -> None:
     """Table (Markdown, CSV, JSON) and accuracy-vs-latency plot of checked and benched BUNDLES."""
     from qkit.report import compare as run_compare
 
-    r = run_compare(list(bundles), out)
+    r = run_compare(list(bundles), out, overwrite=overwrite)
     _emit(as_json, r["rows"], r["markdown"] + f"\n\nreport: {Path(out) / 'report.md'}")
 
 
@@ -273,6 +323,13 @@ def demo(data, epochs, quiet) -> None:
     click.echo(table)
 
 
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr, however long or multi-line the message (a hostile file can make it either)."""
+    line = " ".join(str(message).split())
+    click.echo(f"error: {line[:500] + ' …' if len(line) > 500 else line}", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     import warnings
@@ -283,17 +340,23 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
-        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
-        sys.exit(2)
-    except click.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+        _fail(f"{exc.format_message()} (see --help)")
+    except (click.Abort, KeyboardInterrupt):
         click.echo("interrupted", err=True)
         sys.exit(130)
     except QkitError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        if os.environ.get("QKIT_DEBUG") == "1":
+            raise
+        _fail(str(exc))
+    except OSError as exc:  # permissions, read-only or full disks, missing paths
+        if os.environ.get("QKIT_DEBUG") == "1":
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 — anything else is still one line; --debug shows the traceback
+        if os.environ.get("QKIT_DEBUG") == "1":
+            raise
+        _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator
 from qkit.errors import QkitError
 
 STAGING = ".qkit-tmp-"  # name part of the folders an artifact is assembled in, beside its destination
-LOCK = ".qkit-lock"
 
 
 @contextlib.contextmanager
@@ -97,10 +96,14 @@ def check_output(dest: Path, kind: str, is_kind: Callable[[Path], bool], overwri
 
 @contextlib.contextmanager
 def output_lock(dest: Path) -> Iterator[None]:
-    """Hold an exclusive lock for writing ``dest`` (a ``.NAME.qkit-lock`` file beside it): a second writer
-    fails at once instead of racing the first."""
+    """Hold an exclusive lock for writing ``dest`` (a file named by the hash of its absolute path in the
+    system's temp folder, so nothing is left beside the user's files): a second writer fails at once
+    instead of racing the first."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest.parent / f".{dest.name}{LOCK}", os.O_RDWR | os.O_CREAT, 0o644)
+    locks = Path(tempfile.gettempdir()) / "qkit-locks"
+    locks.mkdir(mode=0o1777, exist_ok=True)
+    key = hashlib.sha256(os.fsencode(dest.parent.resolve() / dest.name)).hexdigest()[:32]
+    fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

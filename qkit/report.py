@@ -6,24 +6,33 @@ from pathlib import Path
 from typing import Any
 
 from qkit.check import read_manifest
-from qkit.fileio import atomic_path, write_csv, write_json, write_text
+from qkit.fileio import atomic_path, staged_output, write_csv, write_json, write_text
 
 COLUMNS = ["recipe", "model", "weight_bits", "act_bits", "adder", "top1_onnx", "top1_torch", "drop", "agreement",
-           "int8_nodes", "fp32_nodes", "size_kb", "ship_kb", "latency_ms", "p99_ms", "speedup_vs_fp32", "peak_rss_mb", "bundle"]
+           "int8_nodes", "fp32_nodes", "exact_on", "targets_agreement", "size_kb", "ship_kb", "latency_ms", "p99_ms",
+           "speedup_vs_fp32", "peak_rss_mb", "bundle"]
 PRIMARY = "ort-cpu"  # the runtime of the headline latency column and of the speed-up
 
 
-def _read(path: Path) -> Any:
+def _read(path: Path, model_sha256: str) -> Any:
+    """A result file (check.json, bench.json) of this very model.onnx, or None: results of an earlier
+    export, or unreadable ones, are not reported."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 16 << 20:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
+    rows = data if isinstance(data, list) else [data]
+    if not all(isinstance(r, dict) and r.get("model_sha256") == model_sha256 for r in rows):
+        return None
+    return data
 
 
-def _latencies(bundle: Path) -> dict[str, dict[str, Any]]:
+def _latencies(bundle: Path, model_sha256: str) -> dict[str, dict[str, Any]]:
     """runtime → its batch-1 row with the fewest threads, from the bundle's bench.json."""
     best: dict[str, dict[str, Any]] = {}
-    for r in _read(bundle / "bench.json") or []:
+    for r in _read(bundle / "bench.json", model_sha256) or []:
         if r.get("status") == "ok" and r.get("batch") == 1 and ("vs" not in r):
             if r["runtime"] not in best or r["threads"] < best[r["runtime"]]["threads"]:
                 best[r["runtime"]] = r
@@ -35,21 +44,27 @@ def collect(bundles: list[str | Path]) -> list[dict[str, Any]]:
     ort-cpu figures in the main columns, every benched runtime's median in ``ms_<runtime>``."""
     rows = []
     for bundle in map(Path, bundles):
-        m = read_manifest(bundle, verify=False)
-        chk = _read(bundle / "check.json") or {}
-        lat = _latencies(bundle)
+        m = read_manifest(bundle)
+        sha = m["files"]["model.onnx"]["sha256"]
+        chk = _read(bundle / "check.json", sha) or {}
+        lat = _latencies(bundle, sha)
+        on_targets = [t["model.onnx"]["agreement"] for t in chk.get("targets", {}).values()
+                      if "agreement" in t.get("model.onnx", {})]
         b = lat.get(PRIMARY, {})
         rows.append({
             "recipe": m["recipe"], "model": m["model"], "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
             "adder": m["adder"], "top1_onnx": chk.get("top1"), "top1_torch": m["top1"],
             "drop": chk.get("baseline", {}).get("drop"), "agreement": chk.get("parity", {}).get("agreement"),
             "int8_nodes": m["execution"]["int8"], "fp32_nodes": m["execution"]["fp32"],
+            "exact_on": ",".join(m.get("integer_kernels", {}).get("exact_on", [])) or None,
+            "targets_agreement": min(on_targets, default=None),
             "size_kb": round(m["files"]["model.onnx"]["bytes"] / 1024, 1),
             "ship_kb": round(m["files"][m.get("roles", {}).get("shipping", {}).get("file", "model.onnx")]["bytes"]
                              / 1024, 1),
             "latency_ms": b.get("median_ms"),
             "p99_ms": b.get("p99_ms"), "speedup_vs_fp32": None, "peak_rss_mb": b.get("peak_rss_mb"),
-            "bundle": str(bundle), **{f"ms_{rt}": r["median_ms"] for rt, r in lat.items()}})
+            "bundle": str(bundle), "machine": b.get("machine"),
+            **{f"ms_{rt}": r["median_ms"] for rt, r in lat.items()}})
     base = next((r for r in rows if r["weight_bits"] == 32 and not r["adder"] and r["latency_ms"]), None)
     for r in rows:
         if base and r["latency_ms"]:
@@ -75,7 +90,8 @@ def pareto(rows: list[dict[str, Any]], latency: str = "latency_ms") -> list[dict
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     others = [f"ms_{rt}" for rt in runtimes_of(rows) if rt != PRIMARY]
-    cols = ["recipe", "top1_onnx", "drop", "agreement", "int8_nodes", "fp32_nodes", "size_kb", "ship_kb", "latency_ms",
+    cols = ["recipe", "top1_onnx", "drop", "agreement", "int8_nodes", "fp32_nodes", "exact_on", "targets_agreement",
+            "size_kb", "ship_kb", "latency_ms",
             "p99_ms", "speedup_vs_fp32", *others, "pareto"]
     front = {r["bundle"] for r in pareto(rows)}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -180,26 +196,38 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> None:
     _save(fig, path)
 
 
-def compare(bundles: list[str | Path], out: str | Path = "reports/compare") -> dict[str, Any]:
-    """Write report.md, results.csv, results.json and accuracy_vs_latency.png into ``out``."""
-    out = Path(out)
+def is_report(path: Path) -> bool:
+    return (path / "report.md").is_file() and (path / "results.json").is_file()
+
+
+def compare(bundles: list[str | Path], out: str | Path = "reports/compare", overwrite: bool = False) -> dict[str, Any]:
+    """Write report.md, results.csv, results.json and the PNG plots into ``out``, replaced as a whole (a
+    folder holding anything but an earlier report needs ``overwrite``)."""
     rows = collect(bundles)
+    with staged_output(Path(out), "report", is_report, overwrite) as staged:
+        table = _write_report(bundles, rows, staged)
+    return {"rows": rows, "markdown": table, "out": str(out)}
+
+
+def _write_report(bundles: list[str | Path], rows: list[dict[str, Any]], out: Path) -> str:
     table = markdown(rows)
     write_csv(out / "results.csv", rows, COLUMNS + [f"ms_{rt}" for rt in runtimes_of(rows)])
     write_json(out / "results.json", rows)
     plot_accuracy_vs_latency(rows, out / "accuracy_vs_latency.png")
     plot_sizes(rows, out / "size_per_recipe.png")
     plot_latency(rows, out / "latency_per_runtime.png")
-    machine = next((r["machine"] for b in bundles for r in (_read(Path(b) / "bench.json") or []) if "machine" in r), {})
+    machine = next((r["machine"] for r in rows if r.get("machine")), {})
     versions = ", ".join(f"{k} {machine[k]}" for k in ("onnxruntime", "onnxruntime-gpu", "openvino", "executorch",
                                                         "torch") if k in machine)
     write_text(out / "report.md", "# qkit comparison\n\n" + table + "\n\n"
                "top1_onnx: ONNX Runtime on the test split (`qkit check`); drop: vs the --baseline given to check; "
                "agreement: % of test images where ONNX and PyTorch agree; int8/fp32_nodes: conv/matmul nodes per "
-               "kernel type after ORT optimisation; size_kb: model.onnx (the runtime file); ship_kb: the smallest "
+               "kernel type after ORT optimisation; exact_on: target CPUs on which no integer accumulator can overflow "
+               "(the export's proof); targets_agreement: the lowest agreement with PyTorch over the target CPUs "
+               "`qkit check` ran; size_kb: model.onnx (the runtime file); ship_kb: the smallest "
                "file to download (model.packed.onnx for ≤4-bit weights); latency: ort-cpu batch 1, median; "
                "ms_RUNTIME: the same on other runtimes.\n\n"
                f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
                f"{versions}.\n\n![accuracy vs latency](accuracy_vs_latency.png)\n\n"
                "![size per recipe](size_per_recipe.png)\n\n![latency per runtime](latency_per_runtime.png)\n")
-    return {"rows": rows, "markdown": table, "out": str(out)}
+    return table

@@ -41,10 +41,10 @@ def test_pte_is_skipped_with_a_reason_where_xnnpack_cannot_run_it(mobile):
     assert "skipped" in manifest["executorch"]
 
 
-def test_every_runner_reports_ok_or_skipped(mobile, tmp_path):
+def test_every_runner_reports_ok_or_skipped(mobile, runs, tmp_path):
     out = tmp_path / "bench.csv"
     r = run_cli("bench", str(mobile["int8"]), "--runtime", "ort-cpu,ort-mobile,executorch,openvino,torch,ort-cuda,ort-trt",
-                "--runs", "5", "--seconds", "0.05", "--csv", str(out))
+                "--runs", "5", "--seconds", "0.05", "--csv", str(out), "--source-run", str(runs["int8"]))
     assert r.returncode == 0, r.stderr
     rows = {row["runtime"]: row for row in csv.DictReader(out.open())}
     assert rows["ort-cpu"]["status"] == "ok" and json.loads(rows["ort-cpu"]["executed"])["int8"] == 4

@@ -61,13 +61,15 @@ def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
 def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), threads: tuple[int, ...] = (1,),
           batches: tuple[int, ...] = (1,), warmup: int = 10, min_runs: int = 50, max_seconds: float = 3.0,
           target_ci: float = 0.01, vs: str | Path | None = None,
-          on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_result: Callable[[dict[str, Any]], None] | None = None,
+          source_run: str | Path | None = None) -> list[dict[str, Any]]:
     """Latency (median with 95 % CI, p90/p99/min), throughput, load time, peak RSS and file size per
     configuration. Timing stops once the median's CI half-width is within ``target_ci`` of it (after
     ``min_runs``) or after ``max_seconds``.
 
     Without ``vs`` each bundle also gets a ``bench.json`` with its own rows, which ``qkit compare`` reads;
     with ``vs`` the rows carry ``ratio_median`` (bundle time / vs time, pair by pair) and are only returned.
+    ``source_run``: the trained run the ``torch`` runtime times (never taken from the bundle).
     """
     unknown = [r for r in runtimes if r not in RUNNERS]
     if unknown:
@@ -94,17 +96,23 @@ def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), t
                 for b in batches:
                     spec = {"bundle": bundle, "runtime": runtime, "module": RUNNERS[runtime], "threads": t,
                             "batch": b, "warmup": warmup, "min_runs": min_runs, "max_seconds": max_seconds,
-                            "target_ci": target_ci, "vs": str(vs) if vs is not None else None}
+                            "target_ci": target_ci, "vs": str(vs) if vs is not None else None,
+                            "source_run": str(source_run) if source_run is not None else None}
                     row = {"bundle": bundle, "recipe": manifests[bundle]["recipe"], "runtime": runtime,
                            "threads": t, "batch": b, **({"vs": str(vs)} if vs is not None else {}),
                            **_run_worker(spec, timeout=120 + 10 * max_seconds)}
                     if row["status"] == "ok" and runtime == "ort-cpu":
                         row["executed"] = executed(bundle)
                     row["machine"] = facts
+                    row["model_sha256"] = manifests[bundle]["files"]["model.onnx"]["sha256"]
                     rows.append(row)
                     if on_result:
                         on_result(row)
         if vs is None:
-            write_json(Path(bundle) / "bench.json", rows)
+            try:
+                write_json(Path(bundle) / "bench.json", rows)
+            except OSError as exc:  # a read-only bundle: the rows are still returned
+                for row in rows:
+                    row["not_written"] = f"{Path(bundle) / 'bench.json'}: {exc.strerror or exc}"
         results += rows
     return results

@@ -10,6 +10,8 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,10 @@ from qkit.errors import QkitError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                   "bag", "ankle boot"]
+# Bounded work for bounded input: a few bytes of a hostile file must not become gigabytes of memory.
+MAX_DATA_BYTES = 8 << 30  # decoded arrays of one dataset file
+MAX_IMAGE_PIXELS = 64 << 20  # one decoded image (PIL's decompression-bomb limit)
+MAX_CLASSES = 100_000
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -122,9 +128,11 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_DATA_BYTES + 1)  # bounded: a small .gz can inflate without end
     except (OSError, EOFError) as exc:
         raise QkitError(f"{path}: unreadable IDX file ({exc})") from None
+    if len(data) > MAX_DATA_BYTES:
+        raise QkitError(f"{path}: more than {MAX_DATA_BYTES / 2**30:.0f} GiB of data")
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise QkitError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
@@ -201,6 +209,15 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
+def _open_image(path: Path):
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
 def _imagefolder(arg: str | None) -> Dataset:
     """DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* with the fixed 1-in-5 test split."""
     from PIL import Image
@@ -215,9 +232,11 @@ def _imagefolder(arg: str | None) -> Dataset:
 
     def read(items):
         try:
-            imgs = [np.asarray(Image.open(f)) for f, _ in items]
-        except OSError as exc:
-            raise QkitError(f"imagefolder: unreadable image ({exc})") from None
+            with warnings.catch_warnings():  # PIL only warns below twice its pixel limit: refuse there too
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                imgs = [np.asarray(_open_image(f)) for f, _ in items]
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise QkitError(f"imagefolder: unreadable image ({type(exc).__name__}: {str(exc)[:200]})") from None
         if len({a.shape for a in imgs}) != 1:
             raise QkitError("imagefolder: images differ in size or channels; resize them first")
         x = np.stack(imgs)
@@ -240,15 +259,36 @@ def _imagefolder(arg: str | None) -> Dataset:
     return _fixed_split("imagefolder", x, y, classes, 255.0)
 
 
+def _npz_sizes(path: str) -> int:
+    """Bytes the arrays of an .npz declare, read from their headers (so a tiny file declaring a huge array
+    is refused before anything is allocated)."""
+    total = 0
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                header = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if header is None:
+                    raise ValueError(f"{info.filename}: .npy format {version}")
+                shape, _, dtype = header(fh)
+            total += int(np.prod(shape, dtype=object)) * dtype.itemsize
+    return total
+
+
 def _npz(arg: str | None) -> Dataset:
     """x_train/y_train/x_test/y_test (or x/y, split 1-in-5); uint8 images in 0..255 or floats in [0, 1]."""
     if not arg or not Path(arg).is_file():
         raise QkitError(f"npz: {arg!r} is not a file")
     try:
+        declared = _npz_sizes(arg)
+        if declared > MAX_DATA_BYTES:
+            raise QkitError(f"npz: {arg} declares {declared / 2**30:.1f} GiB of arrays; the limit is "
+                            f"{MAX_DATA_BYTES / 2**30:.0f} GiB")
         with np.load(arg, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise QkitError(f"npz: {arg} is not a readable .npz ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, TypeError, MemoryError) as exc:
+        raise QkitError(f"npz: {arg} is not a readable .npz ({type(exc).__name__}: {str(exc)[:200]})") from None
     keys = ("x_train", "y_train", "x_test", "y_test")
     if all(k in d for k in keys):
         parts = [d[k] for k in keys]
@@ -262,6 +302,8 @@ def _npz(arg: str | None) -> Dataset:
     if any(y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) for y in ys):
         raise QkitError(f"npz: {arg}: labels must be 1-D integer arrays")
     n_classes = int(max(int(y.max()) for y in ys if y.size) + 1) if any(y.size for y in ys) else 1
+    if n_classes > MAX_CLASSES:
+        raise QkitError(f"npz: {arg}: a label of {n_classes - 1}; at most {MAX_CLASSES} classes are supported")
     labels = [str(i) for i in range(n_classes)]
     if parts:
         return _make("npz", parts[0], parts[1], parts[2], parts[3], labels, scale)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from qkit.export import overflow
 from qkit.export.lower import BINARY_EPS, low_bit_layers, lower
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
 from qkit.export.report import execution_report, session_options
-from qkit.fileio import sha256
+from qkit.fileio import check_output, sha256, staged_output
 from qkit.quant import Recipe
 from qkit.train import predict, top1
 from qkit.train.checkpoint import load_model, recipe_from_dict
@@ -85,26 +83,37 @@ def _write_mobile(bundle: Path, deploy: torch.nn.Module, recipe: Recipe,
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
 
 
+def is_bundle(path: Path) -> bool:
+    """Is ``path`` a qkit bundle (the only thing an export replaces without --overwrite)?"""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format", "").startswith("qkit-bundle")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def export(run: str | Path, out: str | Path | None = None, opset: int | None = None,
-           mobile: bool = False) -> Path:
-    """Write the bundle for ``run`` and return its directory."""
-    model, meta = load_model(run)
+           mobile: bool = False, overwrite: bool = False, model: str | None = None) -> Path:
+    """Write the bundle for ``run`` and return its directory.
+
+    ``out`` must be new, empty or a bundle unless ``overwrite``; the old bundle is replaced in one atomic
+    step once the new one is complete. ``model``: the ``pkg.module:factory`` of a run of a user model (never
+    taken from the checkpoint)."""
+    dest = Path(out) if out else Path("export") / Path(run).resolve().name
+    check_output(dest, "bundle", is_bundle, overwrite)  # refuse before the work, not after
+    net, meta = load_model(run, model)
     recipe = recipe_from_dict(meta["recipe"])
     opset = opset or recipe.opset
     if not 13 <= opset <= 20:
         raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
-    dest = Path(out) if out else Path("export") / Path(run).name
     input_shape = tuple(meta["input_shape"])
-    deploy = lower(model, recipe)
+    deploy = lower(net, recipe)
     proto, packed = to_onnx(deploy, recipe, input_shape, opset)
 
     ds = load_dataset(meta["data"], default_shape=input_shape)
     x_test, y_test = ds.split("test")
-    ref_logits = predict(model, x_test)
+    ref_logits = predict(net, x_test)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with staged_output(dest, "bundle", is_bundle, overwrite) as tmp:
         onnx.save(proto, tmp / "model.onnx")
         if packed is not None:
             onnx.save(packed, tmp / PACKED)
@@ -116,10 +125,6 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
         if executorch is not None:
             manifest["executorch"] = executorch
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the bundle into an app's build
-        _swap_in(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -153,15 +158,3 @@ def integer_kernels(model: onnx.ModelProto) -> dict[str, Any]:
 
     families = overflow.report(model)
     return {"families": families, "exact_on": [t.name for t in TARGETS.values() if families[t.family]["safe"]]}
-
-
-def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace ``dest`` with the finished ``tmp`` directory (two renames; the old bundle is removed last)."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

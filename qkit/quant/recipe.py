@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from qkit.errors import QkitError
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 BITS = (32, 16, 8, 4, 2, 1)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BY_BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "w4a8", 2: "w2a8", 1: "w1a8"}
 _ADDER_BY_BITS = {32: "adder", 8: "adder-int8"}
 
@@ -73,6 +76,8 @@ class Recipe:
 
 
 def _checked(r: Recipe) -> Recipe:
+    if not _NAME.fullmatch(r.name):
+        raise QkitError(f"recipe name {r.name[:80]!r}: letters, digits, '.', '_' and '-' only (it names run folders)")
     if r.weight_bits not in BITS or r.act_bits not in BITS:
         raise QkitError(f"recipe {r.name}: bits must be one of {BITS}, got w{r.weight_bits} a{r.act_bits}")
     if r.weight_bits >= 16 and r.act_bits != r.weight_bits:
@@ -109,15 +114,33 @@ def _typed(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
         want = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
         if isinstance(value, bool) and kind != "bool" or not isinstance(value, want):
             raise QkitError(f"{where}: {key} must be {kind}, got {type(value).__name__} {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise QkitError(f"{where}: {key} must be a finite number, got {value!r}")
         out[key] = float(value) if kind == "float" else value
     return out
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a recipe never needs ``*ref``, and nested aliases turn a few
+    hundred bytes into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe", mark)
+        return super().compose_node(parent, index)
+
+
+MAX_RECIPE_BYTES = 64 << 10
+
+
 def parse_recipe(text: str, where: str = "recipe") -> Recipe:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise QkitError(f"{where}: {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise QkitError(f"{where}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise QkitError(f"{where}: invalid YAML ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(data, dict) or "name" not in data:
         raise QkitError(f"{where}: a recipe is a mapping with at least a 'name'")
     return _checked(Recipe(**_typed(Recipe, data, where)))
@@ -134,7 +157,13 @@ def load_recipe(name_or_path: str) -> Recipe:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise QkitError(f"unknown recipe {name_or_path!r}; choose from {', '.join(list_recipes())} or a YAML path")
-    return parse_recipe(path.read_text(), str(path))
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise QkitError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise QkitError(f"{path}: not a text file") from None
+    return parse_recipe(text, str(path))
 
 
 def resolve_recipe(recipe: str | None = None, bits: int | None = None, act_bits: int | None = None,

@@ -5,6 +5,7 @@ epoch's, so test data never selects a model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 import qkit
 from qkit.data import Dataset, load_dataset
 from qkit.errors import QkitError
-from qkit.fileio import write_json, write_text
+from qkit.fileio import check_output, new_staging, output_lock, remove_stale, replace_with, write_json, write_text
 from qkit.models import create_model, default_input_shape
 from qkit.quant import Recipe, load_recipe, quantize
 from qkit.train import checkpoint
@@ -158,6 +159,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files.
     """
     recipe = (recipe or load_recipe("fp32")).for_data(data)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise QkitError(f"--lr must be a positive finite number, got {lr}")
     overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
     if overrides:
         recipe = recipe.replace(train=dataclasses.replace(recipe.train, **overrides))
@@ -167,160 +170,182 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     dist_ = _Dist(device)
     device = dist_.device
     run = Path(out) if out else default_run_dir(model, data, recipe)
-    resuming = resume and (run / "last.pt").exists()
-    if not resume and (run / "last.pt").exists():
-        if not overwrite:
-            raise QkitError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
-        dist_.barrier()
-        if dist_.main:
-            shutil.rmtree(run)
-    dist_.barrier()
-    log_file = None
-    if dist_.main:
-        run.mkdir(parents=True, exist_ok=True)
-        for stale in run.glob(".*.tmp"):  # left by a process killed mid-write; the real files are intact
-            stale.unlink()
-        log_file = open(run / "train.log", "a")
-
-    def say(msg: str) -> None:
-        if log_file:
-            log_file.write(msg + "\n")
-            log_file.flush()
-            if log:
-                log(msg)
-
+    # Inputs first: nothing is written before the data, the model, --init and --teacher are known good.
     ds = load_dataset(data, default_shape=default_input_shape(model))
     seed_everything(seed)
     net = create_model(model, ds.num_classes, ds.input_shape)
     if init:
         _load_init(net, init, model, ds)
     net = quantize(net, recipe).to(device)
-    teacher_net = checkpoint.load_model(teacher)[0].to(device) if teacher else None
-    x_train, y_train = ds.split("train")
-    x_test, y_test = ds.split("test")
-    sampler = DistributedSampler(range(len(x_train)), num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
-                                 seed=seed)
-    per_rank_batch = max(1, cfg.batch_size // dist_.world)
-    steps = math.ceil(len(sampler) / per_rank_batch)
-    opt = _optimizer(net, cfg)
-    lr_scale = [1.0]  # halved on each divergence retry
-    sched = _schedule(opt, cfg, steps, lr_scale)
-    # fp16 autocast on CUDA (with loss scaling); on CPU float16 autocast runs ~40× slower than fp32 here, so
-    # the fp16 recipe trains in fp32 there and the export converts to fp16 (checked against the fp32 model).
-    use_amp = recipe.weight_bits == 16 and device.startswith("cuda")
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_amp)
-    history: list[dict[str, Any]] = []
-    start_epoch, elapsed, retries = 0, 0.0, 0
-    meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
-            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale,
-            "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
-    if resuming:
-        state = checkpoint.load(run / "last.pt")
-        if (state["model"], state["data"], state["seed"]) != (model, data, seed):
-            raise QkitError(f"--resume: {run} trains {state['model']} on {state['data']} with seed {state['seed']}; "
-                            "pass the same --model, --data and --seed")
-        net.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if lr is not None:  # an explicit --lr on resume (say, after a divergence) replaces the stored one
-            sched.base_lrs = [lr] * len(opt.param_groups)
-            for group, fn in zip(opt.param_groups, sched.lr_lambdas):
-                group["lr"] = lr * fn(sched.last_epoch)
-        scaler.load_state_dict(state["scaler"])
-        history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
-        lr_scale[0], retries = state["lr_scale"], state["retries"]
-        _set_rng_state(state["rng"])
-        say(f"resumed from {run / 'last.pt'} after epoch {start_epoch}")
-    elif resume:
-        say(f"--resume: no {run / 'last.pt'} yet, starting from the beginning")
-    if recipe.weight_bits == 16 and not use_amp:
-        say("fp16 on CPU: training in fp32 (CPU float16 autocast is far slower); the export stores fp16")
-    if dist_.main:
-        write_text(run / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    say(f"train {model} on {ds.name} ({len(x_train)} train / {len(x_test)} test) recipe {recipe.name} "
-        f"seed {seed} epochs {cfg.epochs} batch {cfg.batch_size} lr {cfg.lr} device {device}"
-        + (f" processes {dist_.world}" if dist_.world > 1 else ""))
-    plain = net
-    if dist_.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
-    t0 = time.time() - elapsed
-    epoch = start_epoch
-    while epoch < cfg.epochs:
-        snapshot = _snapshot(plain, opt, sched, scaler) if cfg.divergence_retries > retries else None
-        net.train()
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
-        gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + dist_.rank)  # augmentation
-        total_loss, seen, bad_step = 0.0, 0, None
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dist_.main),
-                   leave=False, unit="step")
-        for step in bar:
-            idx = order[step * per_rank_batch:(step + 1) * per_rank_batch]
-            xb = _shift(x_train[idx], cfg.shift_augment, gen)
-            xb = (_flip(xb, gen) if cfg.flip_augment else xb).to(device)
-            yb = y_train[idx].to(device)
-            with torch.autocast(device.split(":")[0], dtype=torch.float16, enabled=use_amp):
-                logits = net(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-                if teacher_net is not None:
-                    with torch.no_grad():
-                        t_logits = teacher_net(xb).float()
-                    temp = cfg.distill_temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.softmax(t_logits / temp, 1),
-                                  reduction="batchmean") * temp * temp
-                    loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-            if dist_.any(not bool(torch.isfinite(loss))):
-                bad_step = step + 1
-                break
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total_loss += loss.item() * len(idx)
-            seen += len(idx)
-            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        bar.close()
-        if bad_step is not None:
-            where = f"epoch {epoch + 1} step {bad_step}"
-            if snapshot is None:
-                raise QkitError(f"training diverged: non-finite loss at {where}; {run / 'last.pt'} keeps the last "
-                                "good epoch (lower --lr, or set train.divergence_retries in the recipe)")
-            _restore(snapshot, plain, opt, sched, scaler)
-            retries += 1
-            lr_scale[0] *= 0.5
-            say(f"non-finite loss at {where}: retrying the epoch at {lr_scale[0]:g}× the learning rate "
-                f"(retry {retries} of {cfg.divergence_retries})")
-            continue
-        if dist_.main:
-            logits = predict(plain, x_test, device=device)
-            entry = {"epoch": epoch + 1, "train_loss": round(total_loss / max(1, seen), 5),
-                     "test_loss": round(float(F.cross_entropy(logits, y_test)), 5), "top1": top1(logits, y_test),
-                     "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.time() - t0, 2)}
-            history.append(entry)
-            say(json.dumps(entry))
-            checkpoint.save(run / "last.pt", {
-                **meta, "state_dict": plain.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "history": history, "elapsed": time.time() - t0, "lr_scale": lr_scale[0], "retries": retries,
-                "rng": _rng_state()})
+    teacher_net = checkpoint.load_model(teacher, model)[0].to(device) if teacher else None
+    resuming = resume and (run / "last.pt").is_file()
+    stack = contextlib.ExitStack()
+    with stack:
+        # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
+        work = _claim_run_dir(stack, run, resuming, overwrite) if dist_.main else run
         dist_.barrier()
-        epoch += 1
-    if not dist_.main:
-        return {}
-    plain.eval()
-    logits = predict(plain, x_test, device=device)
-    metrics = {"top1": top1(logits, y_test), "best_epoch_top1": max((h["top1"] for h in history), default=None),
-               "epochs": cfg.epochs, "recipe": recipe.name, "model": model, "data": data, "seed": seed,
-               "split": "test = index % 5 == 0" if ds.name in ("digits", "mnist5k") else "official test split",
-               "train_samples": len(x_train), "test_samples": len(x_test), "init": init, "teacher": teacher,
-               "processes": dist_.world, "seconds": round(time.time() - t0, 2), "history": history}
-    checkpoint.save(run / "checkpoint.pt", {**meta, "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()},
-                                            "top1": metrics["top1"]})
-    write_json(run / "metrics.json", metrics)
-    say(f"done: top1 {metrics['top1']:.2f}% on {len(x_test)} test images → {run}")
-    log_file.close()
-    return metrics
+        log_file = None
+        if dist_.main:
+            for stale in work.glob(".*.tmp"):  # left by a process killed mid-write; the real files are intact
+                stale.unlink()
+            log_file = stack.enter_context(open(work / "train.log", "a"))
+
+        def say(msg: str) -> None:
+            if log_file:
+                log_file.write(msg + "\n")
+                log_file.flush()
+                if log:
+                    log(msg)
+
+        x_train, y_train = ds.split("train")
+        x_test, y_test = ds.split("test")
+        sampler = DistributedSampler(range(len(x_train)), num_replicas=dist_.world, rank=dist_.rank, shuffle=True,
+                                     seed=seed)
+        per_rank_batch = max(1, cfg.batch_size // dist_.world)
+        steps = math.ceil(len(sampler) / per_rank_batch)
+        opt = _optimizer(net, cfg)
+        lr_scale = [1.0]  # halved on each divergence retry
+        sched = _schedule(opt, cfg, steps, lr_scale)
+        # fp16 autocast on CUDA (with loss scaling); on CPU float16 autocast runs ~40× slower than fp32 here, so
+        # the fp16 recipe trains in fp32 there and the export converts to fp16 (checked against the fp32 model).
+        use_amp = recipe.weight_bits == 16 and device.startswith("cuda")
+        scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_amp)
+        history: list[dict[str, Any]] = []
+        start_epoch, elapsed, retries = 0, 0.0, 0
+        meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
+                "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale,
+                "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
+        if resuming:
+            state = checkpoint.load(work / "last.pt")
+            if (state["model"], state["data"], state["seed"]) != (model, data, seed):
+                raise QkitError(f"--resume: {run} trains {state['model']} on {state['data']} with seed {state['seed']}; "
+                                "pass the same --model, --data and --seed")
+            net.load_state_dict(state["state_dict"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            if lr is not None:  # an explicit --lr on resume (say, after a divergence) replaces the stored one
+                sched.base_lrs = [lr] * len(opt.param_groups)
+                for group, fn in zip(opt.param_groups, sched.lr_lambdas):
+                    group["lr"] = lr * fn(sched.last_epoch)
+            scaler.load_state_dict(state["scaler"])
+            history, start_epoch, elapsed = state["history"], state["epoch"] + 1, state["elapsed"]
+            lr_scale[0], retries = state["lr_scale"], state["retries"]
+            _set_rng_state(state["rng"])
+            say(f"resumed from {work / 'last.pt'} after epoch {start_epoch}")
+        elif resume:
+            say(f"--resume: no {work / 'last.pt'} yet, starting from the beginning")
+        if recipe.weight_bits == 16 and not use_amp:
+            say("fp16 on CPU: training in fp32 (CPU float16 autocast is far slower); the export stores fp16")
+        if dist_.main:
+            write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        say(f"train {model} on {ds.name} ({len(x_train)} train / {len(x_test)} test) recipe {recipe.name} "
+            f"seed {seed} epochs {cfg.epochs} batch {cfg.batch_size} lr {cfg.lr} device {device}"
+            + (f" processes {dist_.world}" if dist_.world > 1 else ""))
+        plain = net
+        if dist_.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(net)
+        t0 = time.time() - elapsed
+        epoch = start_epoch
+        while epoch < cfg.epochs:
+            snapshot = _snapshot(plain, opt, sched, scaler) if cfg.divergence_retries > retries else None
+            net.train()
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+            gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + dist_.rank)  # augmentation
+            total_loss, seen, bad_step = 0.0, 0, None
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and dist_.main),
+                       leave=False, unit="step")
+            for step in bar:
+                idx = order[step * per_rank_batch:(step + 1) * per_rank_batch]
+                xb = _shift(x_train[idx], cfg.shift_augment, gen)
+                xb = (_flip(xb, gen) if cfg.flip_augment else xb).to(device)
+                yb = y_train[idx].to(device)
+                with torch.autocast(device.split(":")[0], dtype=torch.float16, enabled=use_amp):
+                    logits = net(xb)
+                    loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                    if teacher_net is not None:
+                        with torch.no_grad():
+                            t_logits = teacher_net(xb).float()
+                        temp = cfg.distill_temperature
+                        kd = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.softmax(t_logits / temp, 1),
+                                      reduction="batchmean") * temp * temp
+                        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+                if dist_.any(not bool(torch.isfinite(loss))):
+                    bad_step = step + 1
+                    break
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                total_loss += loss.item() * len(idx)
+                seen += len(idx)
+                bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+            bar.close()
+            if bad_step is not None:
+                where = f"epoch {epoch + 1} step {bad_step}"
+                if snapshot is None:
+                    raise QkitError(f"training diverged: non-finite loss at {where}; {work / 'last.pt'} keeps the last "
+                                    "good epoch (lower --lr, or set train.divergence_retries in the recipe)")
+                _restore(snapshot, plain, opt, sched, scaler)
+                retries += 1
+                lr_scale[0] *= 0.5
+                say(f"non-finite loss at {where}: retrying the epoch at {lr_scale[0]:g}× the learning rate "
+                    f"(retry {retries} of {cfg.divergence_retries})")
+                continue
+            if dist_.main:
+                logits = predict(plain, x_test, device=device)
+                entry = {"epoch": epoch + 1, "train_loss": round(total_loss / max(1, seen), 5),
+                         "test_loss": round(float(F.cross_entropy(logits, y_test)), 5), "top1": top1(logits, y_test),
+                         "lr": round(sched.get_last_lr()[0], 6), "seconds": round(time.time() - t0, 2)}
+                history.append(entry)
+                say(json.dumps(entry))
+                checkpoint.save(work / "last.pt", {
+                    **meta, "state_dict": plain.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                    "history": history, "elapsed": time.time() - t0, "lr_scale": lr_scale[0], "retries": retries,
+                    "rng": _rng_state()})
+            dist_.barrier()
+            epoch += 1
+        if not dist_.main:
+            return {}
+        plain.eval()
+        logits = predict(plain, x_test, device=device)
+        metrics = {"top1": top1(logits, y_test), "best_epoch_top1": max((h["top1"] for h in history), default=None),
+                   "epochs": cfg.epochs, "recipe": recipe.name, "model": model, "data": data, "seed": seed,
+                   "split": "test = index % 5 == 0" if ds.name in ("digits", "mnist5k") else "official test split",
+                   "train_samples": len(x_train), "test_samples": len(x_test), "init": init, "teacher": teacher,
+                   "processes": dist_.world, "seconds": round(time.time() - t0, 2), "history": history}
+        checkpoint.save(work / "checkpoint.pt", {**meta, "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()},
+                                                "top1": metrics["top1"]})
+        write_json(work / "metrics.json", metrics)
+        say(f"done: top1 {metrics['top1']:.2f}% on {len(x_test)} test images → {run}")
+        log_file.close()
+        if work != run:
+            replace_with(work, run)
+        return metrics
+
+
+def _is_run(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("last.pt", "checkpoint.pt", "metrics.json"))
+
+
+def _claim_run_dir(stack: contextlib.ExitStack, run: Path, resuming: bool, overwrite: bool) -> Path:
+    """Lock ``run`` for this process and return the folder to write: ``run`` itself when it is new, empty
+    or being resumed; with ``overwrite``, a staging folder beside it that replaces it only once the new run
+    is complete (an interrupted or failed run leaves the old one as it was)."""
+    if not resuming:
+        if _is_run(run) and not overwrite:
+            raise QkitError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
+        check_output(run, "run", _is_run, overwrite)
+    stack.enter_context(output_lock(run))
+    if resuming or not run.exists() or (run.is_dir() and not any(run.iterdir())):
+        run.mkdir(parents=True, exist_ok=True)
+        return run
+    remove_stale(run)
+    staged = new_staging(run)
+    stack.callback(shutil.rmtree, staged, True)
+    return staged
 
 
 def _snapshot(model, opt, sched, scaler) -> dict[str, Any]:

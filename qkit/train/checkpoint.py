@@ -43,16 +43,27 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     return Recipe(**{**d, "train": TrainConfig(**d.get("train", {}))})
 
 
-def build_model(meta: dict[str, Any]) -> nn.Module:
-    """The (quantized) model architecture a checkpoint's metadata describes, with fresh weights."""
-    model = create_model(meta["model"], len(meta["labels"]), tuple(meta["input_shape"]))
-    return quantize(model, recipe_from_dict(meta["recipe"]))
+def build_model(meta: dict[str, Any], model: str | None = None) -> nn.Module:
+    """The (quantized) model architecture a checkpoint's metadata describes, with fresh weights.
+
+    A file never decides what code runs: a run of a user's ``pkg.module:factory`` is rebuilt only when the
+    caller names that same factory (``model``, from the user's own command line)."""
+    name = meta["model"]
+    if not isinstance(name, str) or (":" in name and model != name):
+        raise QkitError(f"the run was trained with user code {name!r}; qkit never imports code named inside a "
+                        f"file: pass --model {name} to rebuild it from the factory you trust")
+    net = create_model(name, len(meta["labels"]), tuple(meta["input_shape"]))
+    return quantize(net, recipe_from_dict(meta["recipe"]))
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained run's model in eval mode; returns (model, checkpoint metadata)."""
+def load_model(path: str | os.PathLike, model: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained run's model in eval mode; returns (model, checkpoint metadata). ``model``: the
+    user-named factory that a run of a user model needs (see :func:`build_model`)."""
     ckpt = load(path)
-    model = build_model(ckpt)
+    try:
+        model = build_model(ckpt, model)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QkitError(f"{path}: checkpoint metadata is malformed ({type(exc).__name__}: {exc})") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError) as exc:
