@@ -327,18 +327,18 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
 
 
 def _is_run(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("last.pt", "checkpoint.pt", "metrics.json"))
+    return any((path / f).is_file() for f in ("last.pt", "checkpoint.pt", "metrics.json", "train.log"))
 
 
 def _claim_run_dir(stack: contextlib.ExitStack, run: Path, resuming: bool, overwrite: bool) -> Path:
     """Lock ``run`` for this process and return the folder to write: ``run`` itself when it is new, empty
     or being resumed; with ``overwrite``, a staging folder beside it that replaces it only once the new run
     is complete (an interrupted or failed run leaves the old one as it was)."""
+    stack.enter_context(output_lock(run))  # first: another process's run in progress is not ours to judge
     if not resuming:
         if _is_run(run) and not overwrite:
             raise QkitError(f"{run} already holds a run: pass --resume to continue it or --overwrite to replace it")
         check_output(run, "run", _is_run, overwrite)
-    stack.enter_context(output_lock(run))
     if resuming or not run.exists() or (run.is_dir() and not any(run.iterdir())):
         run.mkdir(parents=True, exist_ok=True)
         return run
