@@ -31,8 +31,10 @@ def run_demo(data: str = "mnist5k", epochs: int | None = None, progress: bool = 
               init=str(root / "runs" / f"demo-{data}-fp32") if from_fp32 else None, progress=progress, log=log)
         bundle = export(run, root / "export" / f"demo-{data}-{name}", mobile=True)
         result = check(bundle, baseline=str(bundles[0]) if bundles else None)
-        say(f"   exported {bundle}: ONNX top1 {result['top1']:.2f}%, parity {result['parity']['agreement']:.2f}%"
-            f", {'PASS' if result['passed'] else 'FAIL: ' + ', '.join(result['failed'])}")
+        ran = [n for n, t in result["targets"].items() if "skipped" not in t]
+        say(f"   exported {bundle}: ONNX top1 {result['top1']:.2f}%, parity {result['parity']['agreement']:.2f}%, "
+            f"checked on {len(ran)} target CPUs ({', '.join(ran) or 'none set up: make targets'}), "
+            f"{'PASS' if result['passed'] else 'FAIL: ' + ', '.join(result['failed'])}")
         bundles.append(bundle)
     say("== bench (ort-cpu, 1 thread, batch 1) and compare")
     bench(bundles, max_seconds=1.0)
