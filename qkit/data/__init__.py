@@ -182,14 +182,18 @@ def _cifar10(arg: str | None) -> Dataset:
 
     def load(fname: str) -> tuple[np.ndarray, np.ndarray]:
         path = directory / fname
-        if not path.exists():
+        if not path.is_file():
             raise QkitError(f"cifar10: {path} is missing")
+        if path.stat().st_size > MAX_DATA_BYTES:  # a pickle allocates about what it holds: bound the file
+            raise QkitError(f"cifar10: {path} is larger than {MAX_DATA_BYTES / 2**30:.0f} GiB")
         try:
             with open(path, "rb") as fh:
                 d = _SafeUnpickler(fh).load()
             return np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"])
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as exc:
-            raise QkitError(f"cifar10: {path} is not a CIFAR-10 batch ({exc})") from None
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError, IndexError,
+                MemoryError) as exc:
+            raise QkitError(f"cifar10: {path} is not a CIFAR-10 batch ({type(exc).__name__}: {str(exc)[:200]})") \
+                from None
 
     train = [load(f"data_batch_{i}") for i in range(1, 6)]
     xt, yt = load("test_batch")
