@@ -213,9 +213,13 @@ def _target_line(name: str, t: dict[str, Any]) -> str:
     proof = "proven exact" if t["proven_exact"] else f"NOT exact: {t['unsafe']}"
     if "skipped" in t:
         return f"  target {name}: {proof}; not run ({t['skipped']})"
-    runs = [f"{f} " + (f"error: {v['error']}" if "error" in v else f"{v.get('agreement', v['agreement_with_native']):.2f}%"
-                       + (f", max |Δlogit| {v['max_abs_logit_diff']:.4g}" if "max_abs_logit_diff" in v else ""))
-            for f, v in t.items() if f.startswith("model.")]
+    def run(f: str, v: dict[str, Any]) -> str:
+        if "error" in v:
+            return f"{f} error: {v['error']}"
+        diff = f", max |Δlogit| {v['max_abs_logit_diff']:.4g}" if "max_abs_logit_diff" in v else ""
+        return f"{f} {v.get('agreement', v['agreement_with_native']):.2f}%{diff}"
+
+    runs = [run(f, v) for f, v in t.items() if f.startswith("model.")]
     return f"  target {name}: {proof}; {'; '.join(runs)} ({t['samples']} images)"
 
 

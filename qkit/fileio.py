@@ -90,7 +90,8 @@ def check_output(dest: Path, kind: str, is_kind: Callable[[Path], bool], overwri
         raise QkitError(f"{dest}: refusing to replace a folder that holds the current directory")
     if overwrite or (dest.is_dir() and not dest.is_symlink() and (not any(dest.iterdir()) or is_kind(dest))):
         return
-    what = "is a file" if dest.is_file() else "is a symlink" if dest.is_symlink() else f"holds files that are not a qkit {kind}"
+    what = ("is a file" if dest.is_file() else "is a symlink" if dest.is_symlink()
+            else f"holds files that are not a qkit {kind}")
     raise QkitError(f"{dest} {what}; pass --overwrite to replace it, or choose another path")
 
 

@@ -218,7 +218,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         if resuming:
             state = checkpoint.load(work / "last.pt")
             if (state["model"], state["data"], state["seed"]) != (model, data, seed):
-                raise QkitError(f"--resume: {run} trains {state['model']} on {state['data']} with seed {state['seed']}; "
+                raise QkitError(f"--resume: {run} trains {state['model']} on {state['data']} with seed "
+                                f"{state['seed']}; "
                                 "pass the same --model, --data and --seed")
             net.load_state_dict(state["state_dict"])
             opt.load_state_dict(state["optimizer"])
@@ -316,8 +317,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
                    "split": "test = index % 5 == 0" if ds.name in ("digits", "mnist5k") else "official test split",
                    "train_samples": len(x_train), "test_samples": len(x_test), "init": init, "teacher": teacher,
                    "processes": dist_.world, "seconds": round(time.time() - t0, 2), "history": history}
-        checkpoint.save(work / "checkpoint.pt", {**meta, "state_dict": {k: v.cpu() for k, v in plain.state_dict().items()},
-                                                "top1": metrics["top1"]})
+        weights = {k: v.cpu() for k, v in plain.state_dict().items()}
+        checkpoint.save(work / "checkpoint.pt", {**meta, "state_dict": weights, "top1": metrics["top1"]})
         write_json(work / "metrics.json", metrics)
         say(f"done: top1 {metrics['top1']:.2f}% on {len(x_test)} test images → {run}")
         log_file.close()
