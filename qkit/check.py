@@ -191,26 +191,11 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     ``targets``: target CPUs (:data:`qkit.targets.TARGETS`) to prove and run the bundle on; None means all
     (those that cannot run here are reported as skipped, their overflow proof still gates), () none;
     ``target_samples``: how many test images each target runs (None: the whole split)."""
-    from qkit.targets import TARGETS
-
     bundle = Path(bundle)
-    names = list(TARGETS) if targets is None else list(targets)
-    for name in names:
-        if name not in TARGETS:
-            raise QkitError(f"--target {name}: unknown; known targets: {', '.join(TARGETS)}")
+    names = _target_names(targets)
     manifest = read_manifest(bundle)
     data = data or manifest["data"]
-    shape = tuple(manifest["input"]["shape"][1:])
-    ds = load_dataset(data, default_shape=shape)
-    if tuple(ds.input_shape) != shape:
-        raise QkitError(f"--data {data}: images are {list(ds.input_shape)}, the model takes {list(shape)}")
-    if ds.num_classes > len(manifest["output"]["labels"]):
-        raise QkitError(f"--data {data}: {ds.num_classes} classes, the model has {len(manifest['output']['labels'])}")
-    # Preprocess with the manifest's numbers, as the app will, not the dataset's own statistics.
-    mean = np.array(manifest["input"]["mean"], np.float32).reshape(1, -1, 1, 1)
-    std = np.array(manifest["input"]["std"], np.float32).reshape(1, -1, 1, 1)
-    x = ((ds.x_test.numpy() - mean) / std).astype(np.float32)
-    y = ds.y_test.numpy()
+    x, y = _test_inputs(manifest, data)
     dtype = np.float16 if manifest["input"]["dtype"] == "float16" else np.float32
     logits = run_onnx(bundle_file(bundle, manifest, "model.onnx"), x.astype(dtype))
     result: dict[str, Any] = {"bundle": str(bundle), "recipe": manifest["recipe"], "data": data,
@@ -253,3 +238,28 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     except OSError as exc:  # a read-only bundle: the results are still returned (and printed by the CLI)
         result["not_written"] = f"{bundle / 'check.json'}: {exc.strerror or exc}"
     return result
+
+
+def _target_names(targets: Sequence[str] | None) -> list[str]:
+    """The requested target CPUs (None: all of them), each checked to be one qkit knows."""
+    from qkit.targets import TARGETS
+
+    names = list(TARGETS) if targets is None else list(targets)
+    for name in names:
+        if name not in TARGETS:
+            raise QkitError(f"--target {name}: unknown; known targets: {', '.join(TARGETS)}")
+    return names
+
+
+def _test_inputs(manifest: dict[str, Any], data: str) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of ``data`` preprocessed with the manifest's numbers, as the app will (not the
+    dataset's own statistics), after checking it fits the model."""
+    shape = tuple(manifest["input"]["shape"][1:])
+    ds = load_dataset(data, default_shape=shape)
+    if tuple(ds.input_shape) != shape:
+        raise QkitError(f"--data {data}: images are {list(ds.input_shape)}, the model takes {list(shape)}")
+    if ds.num_classes > len(manifest["output"]["labels"]):
+        raise QkitError(f"--data {data}: {ds.num_classes} classes, the model has {len(manifest['output']['labels'])}")
+    mean = np.array(manifest["input"]["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.array(manifest["input"]["std"], np.float32).reshape(1, -1, 1, 1)
+    return ((ds.x_test.numpy() - mean) / std).astype(np.float32), ds.y_test.numpy()
