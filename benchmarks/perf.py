@@ -105,13 +105,15 @@ def bench_qat(repeats: int) -> list[dict]:
     x = torch.randn(128, 1, 28, 28)
     y = torch.randint(0, 10, (128,))
     steps = {}
-    fused = qkit.quant._act_quantizers
+    from qkit.quant.schemes import integer
+
+    fused = integer.act_quantizers
     for name in ("fp32", "int8", "w2a2", "w1a1", "int8 stock", "w2a2 stock"):
         recipe, _, stock = name.partition(" ")
         if stock:  # Brevitas's own activation quantizers: the eager chain of about ten ops each way
-            qkit.quant._act_quantizers = lambda: (bq.Uint8ActPerTensorFloat, bq.ShiftedUint8ActPerTensorFloat)
+            integer.act_quantizers = lambda: (bq.Uint8ActPerTensorFloat, bq.ShiftedUint8ActPerTensorFloat)
         model = qkit.quantize(qkit.create_model("lenet5", 10, (1, 28, 28)), qkit.load_recipe(recipe)).train()
-        qkit.quant._act_quantizers = fused
+        integer.act_quantizers = fused
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         with torch.no_grad():  # past Brevitas' statistics phase (first 300 training forwards: percentiles)
             for _ in range(310):

@@ -126,7 +126,7 @@ def test_fused_activation_quantizer_matches_brevitas_forward_and_gradients(unsig
     import brevitas.nn as qnn
     from brevitas.quant import ShiftedUint8ActPerTensorFloat, Uint8ActPerTensorFloat
 
-    from qkit.quant import _act_quant
+    from qkit.quant.schemes import act_quantizer as _act_quant
 
     torch.manual_seed(0)
     ours = _act_quant(4, unsigned)

@@ -20,11 +20,11 @@ from qkit.data import load_dataset
 from qkit.errors import QkitError
 from qkit.export import executorch as pte
 from qkit.export import overflow
-from qkit.export.lower import BINARY_EPS, low_bit_layers, lower
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
 from qkit.export.report import execution_report, session_options
 from qkit.fileio import check_output, sha256, staged_output
-from qkit.quant import Recipe
+from qkit.quant import SCHEMES, Recipe, convert
+from qkit.quant.deploy import packed_layers
 from qkit.train import predict, top1
 from qkit.train.checkpoint import load_model, recipe_from_dict
 
@@ -36,7 +36,7 @@ def to_onnx(deploy: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...
             opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
     """Standard ONNX for a lowered model (batch dimension dynamic), and its packed low-bit twin when it
     has ≤4-bit layers; both checked with ``full_check``."""
-    dtype = torch.float16 if recipe.weight_bits == 16 else torch.float32
+    dtype = getattr(torch, recipe.dtype)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -45,8 +45,9 @@ def to_onnx(deploy: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
     if recipe.is_quantized:
-        proto = quantize_bias(requantize_after_moves(fold_weight_quantize(proto)), sign_eps=BINARY_EPS)
-    layers = low_bit_layers(deploy)
+        signs = {s.sign_scale for s in SCHEMES.values() if s.sign_scale is not None}
+        proto = quantize_bias(requantize_after_moves(fold_weight_quantize(proto)), sign_scales=signs)
+    layers = packed_layers(deploy)
     packed = pack_low_bit(proto, layers) if layers else None
     for p in (proto, packed):
         if p is None:
@@ -106,7 +107,7 @@ def export(run: str | Path, out: str | Path | None = None, opset: int | None = N
     if not 13 <= opset <= 20:
         raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
     input_shape = tuple(meta["input_shape"])
-    deploy = lower(net, recipe)
+    deploy = convert(net, recipe)
     proto, packed = to_onnx(deploy, recipe, input_shape, opset)
 
     ds = load_dataset(meta["data"], default_shape=input_shape)
@@ -139,7 +140,7 @@ def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int,
     return {
         "format": "qkit-bundle-1",
         "input": {"name": INPUT_NAME, "shape": ["N", *input_shape],
-                  "dtype": "float16" if recipe.weight_bits == 16 else "float32", "layout": "NCHW",
+                  "dtype": recipe.dtype, "layout": "NCHW",
                   "scale": meta["scale"], "mean": meta["mean"], "std": meta["std"],
                   "preprocess": "x = (pixel / scale - mean[c]) / std[c]"},
         "output": {"name": OUTPUT_NAME, "labels": meta["labels"], "kind": "logits"},

@@ -22,21 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qkit.export.lower import QuantAct, QuantWeightLayer
-from qkit.quant import Recipe, is_pass_through, set_module
+from qkit.quant import Recipe, get_scheme, set_module
+from qkit.quant.deploy import QuantAct, QuantWeightLayer
+from qkit.quant.moves import is_move, source
 
 PTE = "model.pte"
 
 
 def unsupported(recipe: Recipe) -> str | None:
-    """Why this recipe gets no ``.pte`` (None when it does)."""
-    if recipe.adder:
-        return "AdderNet has no XNNPACK kernel"
-    if recipe.weight_bits == 16:
-        return "fp16 is not exported to ExecuTorch yet"
-    if recipe.is_quantized and recipe.act_bits != 8:
-        return "XNNPACK takes 8-bit activations only"
-    return None
+    """Why this recipe gets no ``.pte`` (None when it does): its scheme says."""
+    return get_scheme(recipe.scheme).executorch(recipe)
 
 
 def installed() -> bool:
@@ -115,11 +110,9 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
                               for u in node.users)
             set_module(gm, node.target, Int8WeightLayer(m, int8=requantized))
     for node in list(gm.graph.nodes):
-        if is_pass_through(node, gm) and any(u.op == "call_module" and isinstance(gm.get_submodule(u.target),
-                                                                                  Int8WeightLayer) for u in node.users):
-            src = node.args[0]
-            while isinstance(src, fx.Node) and is_pass_through(src, gm):
-                src = src.args[0]
+        if is_move(node, gm) and any(u.op == "call_module" and isinstance(gm.get_submodule(u.target),
+                                                                          Int8WeightLayer) for u in node.users):
+            src = source(node.args[0], gm)
             if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(gm.get_submodule(src.target),
                                                                                      Int8Act):
                 act = copy.copy(gm.get_submodule(src.target))

@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# Ops that only move or select values: a DQ in front of them is a DQ in front of their consumer.
-_PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+from qkit.quant.moves import ONNX_OPS, onnx_source
 
 
 def _const_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -62,7 +61,7 @@ def pack_low_bit(model: onnx.ModelProto, layers: dict[str, tuple[int, np.ndarray
     """A copy whose ≤4-bit weights are stored at their width: INT4 (opset 21) or INT2 (opset 25).
 
     ``layers`` maps a weight name to (bits, k): the runtime file stores w·k in int8 with scale s/k (see
-    :class:`qkit.export.lower.QuantWeightLayer`); here the true integers w and scale s are stored instead.
+    :class:`qkit.quant.deploy.QuantWeightLayer`); here the true integers w and scale s are stored instead.
     """
     import ml_dtypes
     from onnx import version_converter
@@ -96,10 +95,8 @@ def requantize_after_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     for node in model.graph.node:
         src = producer.get(node.input[0]) if node.op_type in ("Conv", "Gemm", "MatMul") else None
-        if src is not None and src.op_type in _PASS_THROUGH:
-            dq = src
-            while dq is not None and dq.op_type in _PASS_THROUGH:
-                dq = producer.get(dq.input[0])
+        if src is not None and src.op_type in ONNX_OPS:
+            dq = onnx_source(node.input[0], producer)
             if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) == 3:
                 name = node.input[0]
                 nodes.append(helper.make_node("QuantizeLinear", [name, dq.input[1], dq.input[2]], [name + "_rq"],
@@ -118,10 +115,10 @@ def _single_user(name: str, users: dict, op_types: tuple[str, ...]):
     return nxt[0] if len(nxt) == 1 and nxt[0].op_type in op_types else None
 
 
-def _feeds_sign(node, users, consts, sign_eps: float | None) -> bool:
-    """Is the layer's only consumer the Q of a binary activation (scale ``sign_eps``)?"""
+def _feeds_sign(node, users, consts, sign_scales: set[float]) -> bool:
+    """Is the layer's only consumer the Q of a sign activation (a scale in ``sign_scales``)?"""
     q = _single_user(node.output[0], users, ("QuantizeLinear",))
-    return sign_eps is not None and q is not None and q.input[1] in consts and float(consts[q.input[1]]) == sign_eps
+    return q is not None and q.input[1] in consts and float(consts[q.input[1]]) in sign_scales
 
 
 def _sign_exact_bias(b: np.ndarray, w_int: np.ndarray) -> np.ndarray:
@@ -214,14 +211,15 @@ def _threshold_exact_bias(beta: float, w_row: np.ndarray, s_x: float, s_w: float
     return int(b[k]), float(c[k])
 
 
-def quantize_bias(model: onnx.ModelProto, sign_eps: float | None = None) -> onnx.ModelProto:
+def quantize_bias(model: onnx.ModelProto, sign_scales: set[float] = frozenset()) -> onnx.ModelProto:
     """Float bias of a Conv/Gemm fed by DQ(x) and DQ(int weight) → DQ(int32 bias, s_x·s_w).
 
     Rounding the bias to that grid would move the layer's requantization thresholds by up to half an
     accumulator unit, which flips coarse (2-4-bit) activations and, through residual nets, their outputs.
     So each channel gets a bias (and, where needed, a weight scale changed by a few ppm) with which
     integer kernels pick the same level as the float layer for every reachable accumulator
-    (:func:`_threshold_exact_bias`); layers feeding a binary activation get :func:`_sign_exact_bias`."""
+    (:func:`_threshold_exact_bias`); layers feeding a sign activation (the ONNX scale of a scheme's
+    ``sign_scale``) get :func:`_sign_exact_bias`."""
     consts = _const_values(model)
     producer = {o: n for n in model.graph.node for o in n.output}
     users: dict[str, list] = {}
@@ -232,9 +230,7 @@ def quantize_bias(model: onnx.ModelProto, sign_eps: float | None = None) -> onnx
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
             continue
-        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
-        while dq_x is not None and dq_x.op_type in _PASS_THROUGH:  # ORT moves DQ across these
-            dq_x = producer.get(dq_x.input[0])
+        dq_x, dq_w = onnx_source(node.input[0], producer), producer.get(node.input[1])  # ORT moves DQ across moves
         if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
             continue
         if dq_x.input[1] not in consts or dq_w.input[1] not in consts:
@@ -246,7 +242,7 @@ def quantize_bias(model: onnx.ModelProto, sign_eps: float | None = None) -> onnx
         beta = bias / (s_x * s_w)
         b_int, factor = np.rint(beta), np.ones_like(s_w)
         out = _output_levels(node, users, consts)
-        if _feeds_sign(node, users, consts, sign_eps):
+        if _feeds_sign(node, users, consts, sign_scales):
             b_int = _sign_exact_bias(beta, w_int)
         elif out is not None:
             x_range = _input_range(dq_x, producer, consts)

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from qkit.errors import QkitError
+from qkit.quant.schemes import default_scheme, get_scheme
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 BITS = (32, 16, 8, 4, 2, 1)
@@ -40,13 +41,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to quantize and how: weight/activation bits, AdderNet, training and export settings."""
+    """What to quantize and how: scheme, weight/activation bits, training and export settings."""
 
     name: str
     weight_bits: int = 32
     act_bits: int = 32
     first_last_bits: int = 8        # first conv and last linear stay at this weight precision
-    adder: bool = False
+    scheme: str = ""                # a registered scheme (qkit.quant.schemes); "" picks it from weight_bits
     adder_eta: float = 0.2          # AdderNet adaptive learning-rate coefficient η
     max_drop: float = 1.0           # accuracy gate (percentage points) used by `qkit check --baseline`
     opset: int = 17
@@ -57,7 +58,16 @@ class Recipe:
 
     @property
     def is_float(self) -> bool:
-        return self.weight_bits >= 16 and not self.adder
+        return self.scheme == "float"
+
+    @property
+    def adder(self) -> bool:
+        return self.scheme == "adder"
+
+    @property
+    def dtype(self) -> str:
+        """The exported model's input and compute dtype."""
+        return "float16" if self.weight_bits == 16 else "float32"
 
     @property
     def is_quantized(self) -> bool:
@@ -71,21 +81,36 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        """A recipe from :meth:`to_dict`'s form (checkpoints), type-checked as a YAML recipe is."""
+        return _checked(cls(**_typed(cls, _legacy(dict(data), where), where)))
+
     def replace(self, **changes: Any) -> "Recipe":
         return _checked(dataclasses.replace(self, **changes))
 
 
+def _legacy(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Recipes and checkpoints from before schemes said ``adder: true``; that now means ``scheme: adder``."""
+    if "adder" in data:
+        adder = data.pop("adder")
+        if adder is True:
+            if data.get("scheme", "adder") != "adder":
+                raise QkitError(f"{where}: adder: true contradicts scheme: {data['scheme']}")
+            data["scheme"] = "adder"
+    return data
+
+
 def _checked(r: Recipe) -> Recipe:
+    if not r.scheme:
+        r = dataclasses.replace(r, scheme=default_scheme(r.weight_bits))
     if not _NAME.fullmatch(r.name):
         raise QkitError(f"recipe name {r.name[:80]!r}: letters, digits, '.', '_' and '-' only (it names run folders)")
     if r.weight_bits not in BITS or r.act_bits not in BITS:
         raise QkitError(f"recipe {r.name}: bits must be one of {BITS}, got w{r.weight_bits} a{r.act_bits}")
-    if r.weight_bits >= 16 and r.act_bits != r.weight_bits:
-        raise QkitError(f"recipe {r.name}: fp{r.weight_bits} weights need fp{r.weight_bits} activations")
-    if r.weight_bits <= 8 and r.act_bits >= 16:
-        raise QkitError(f"recipe {r.name}: integer weights need integer activations (act_bits 8, 4, 2 or 1)")
-    if r.adder and (r.weight_bits, r.act_bits) not in ((32, 32), (8, 8)):
-        raise QkitError(f"recipe {r.name}: AdderNet runs at 32 or 8 bits only")
+    problem = get_scheme(r.scheme).check(r)
+    if problem:
+        raise QkitError(f"recipe {r.name}: {problem} (scheme {r.scheme}, w{r.weight_bits} a{r.act_bits})")
     if r.first_last_bits not in (8, 16, 32):
         raise QkitError(f"recipe {r.name}: first_last_bits must be 8, 16 or 32")
     t = r.train
@@ -143,7 +168,7 @@ def parse_recipe(text: str, where: str = "recipe") -> Recipe:
         raise QkitError(f"{where}: invalid YAML ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(data, dict) or "name" not in data:
         raise QkitError(f"{where}: a recipe is a mapping with at least a 'name'")
-    return _checked(Recipe(**_typed(Recipe, data, where)))
+    return Recipe.from_dict(data, where)
 
 
 def list_recipes() -> list[str]:
@@ -195,5 +220,7 @@ def resolve_recipe(recipe: str | None = None, bits: int | None = None, act_bits:
     if changes:
         w, a = changes.get("weight_bits", r.weight_bits), changes.get("act_bits", r.act_bits)
         changes["name"] = f"w{w}a{a}" if w <= 8 else f"fp{w}"
+        if not r.adder:
+            changes["scheme"] = default_scheme(w)
         r = r.replace(**changes)
     return r

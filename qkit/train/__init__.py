@@ -208,7 +208,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         sched = _schedule(opt, cfg, steps, lr_scale)
         # fp16 autocast on CUDA (with loss scaling); on CPU float16 autocast runs ~40× slower than fp32 here, so
         # the fp16 recipe trains in fp32 there and the export converts to fp16 (checked against the fp32 model).
-        use_amp = recipe.weight_bits == 16 and device.startswith("cuda")
+        use_amp = recipe.dtype == "float16" and device.startswith("cuda")
         scaler = torch.amp.GradScaler(device.split(":")[0], enabled=use_amp)
         history: list[dict[str, Any]] = []
         start_epoch, elapsed, retries = 0, 0.0, 0
@@ -235,7 +235,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
             say(f"resumed from {work / 'last.pt'} after epoch {start_epoch}")
         elif resume:
             say(f"--resume: no {work / 'last.pt'} yet, starting from the beginning")
-        if recipe.weight_bits == 16 and not use_amp:
+        if recipe.dtype == "float16" and not use_amp:
             say("fp16 on CPU: training in fp32 (CPU float16 autocast is far slower); the export stores fp16")
         if dist_.main:
             write_text(work / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -40,7 +40,7 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
 
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     d = dict(d)
-    return Recipe(**{**d, "train": TrainConfig(**d.get("train", {}))})
+    return Recipe.from_dict(d, "checkpoint recipe")
 
 
 def build_model(meta: dict[str, Any], model: str | None = None) -> nn.Module:

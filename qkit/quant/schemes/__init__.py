@@ -1,0 +1,115 @@
+"""Quantization schemes as registered plug-ins: one file per scheme, one :class:`Scheme` subclass each.
+
+A scheme owns everything about its idea: the training layer that replaces a Conv2d/Linear, its activation
+quantizer (for the bit widths it claims), the deploy module each of its trained modules converts to, any
+rewiring after conversion, and where its bundles run. :func:`qkit.quantize` and :func:`qkit.convert` are
+generic loops over this registry; a recipe names its scheme (``scheme: int``).
+
+Adding a scheme: a new ``schemes/NAME.py`` with ``@register_scheme("NAME") class ...(Scheme)``, imported
+at the bottom of this file, and a recipe YAML that says ``scheme: NAME``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+from torch import fx, nn
+
+from qkit.errors import QkitError
+
+if TYPE_CHECKING:
+    from qkit.quant.recipe import Recipe
+
+
+class Scheme:
+    """Base scheme: owns nothing. Subclasses override what their idea needs."""
+
+    name: str = ""
+    #: the ONNX QuantizeLinear scale that marks this scheme's sign activations (qkit.export's bias pass)
+    sign_scale: float | None = None
+
+    def check(self, recipe: Recipe) -> str | None:
+        """Why ``recipe`` (naming this scheme) is inconsistent, or None."""
+        return None
+
+    def layer(self, m: nn.Module, bits: int, recipe: Recipe) -> nn.Module | None:
+        """The training layer replacing Conv2d/Linear ``m`` at ``bits``; None: not this scheme's to take."""
+        return None
+
+    def act(self, bits: int, unsigned: bool) -> nn.Module | None:
+        """The training activation quantizer at ``bits`` (``unsigned``: replaces a ReLU); None: not ours."""
+        return None
+
+    def layer_types(self) -> tuple[type, ...]:
+        """Trained weighted modules this scheme converts (a following BatchNorm is folded into them)."""
+        return ()
+
+    def act_types(self) -> tuple[type, ...]:
+        """Trained activation modules this scheme converts."""
+        return ()
+
+    def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
+        """Deploy module for trained layer ``m``; BN(y) = mult·y + shift per output channel is folded in."""
+        raise NotImplementedError
+
+    def convert_act(self, m: nn.Module) -> nn.Module:
+        """Deploy module for trained activation ``m``."""
+        raise NotImplementedError
+
+    def rewire(self, node: fx.Node, gm: fx.GraphModule) -> None:
+        """After every module is converted: adjust the graph around ``node`` (one of this scheme's)."""
+
+    def convert_model(self, model: nn.Module, recipe: Recipe) -> nn.Module | None:
+        """Convert a whole model without tracing (float schemes); None: use the generic per-module loop."""
+        return None
+
+    def executorch(self, recipe: Recipe) -> str | None:
+        """Why this recipe gets no XNNPACK ``.pte`` (None when it does)."""
+        return None
+
+
+SCHEMES: dict[str, Scheme] = {}
+S = TypeVar("S", bound=type)
+
+
+def register_scheme(name: str) -> Callable[[S], S]:
+    """Class decorator: register one instance of the scheme under ``name``."""
+    def add(cls: S) -> S:
+        if name in SCHEMES:
+            raise ValueError(f"scheme {name!r} is registered twice")
+        cls.name = name
+        SCHEMES[name] = cls()
+        return cls
+    return add
+
+
+def get_scheme(name: str) -> Scheme:
+    if name not in SCHEMES:
+        raise QkitError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+    return SCHEMES[name]
+
+
+def act_quantizer(bits: int, unsigned: bool) -> nn.Module:
+    """The activation quantizer for ``bits`` from whichever scheme claims that width."""
+    for scheme in SCHEMES.values():
+        q = scheme.act(bits, unsigned)
+        if q is not None:
+            return q
+    raise QkitError(f"no scheme quantizes activations to {bits} bits")
+
+
+def owner(m: nn.Module) -> tuple[Scheme, bool] | None:
+    """(scheme, is a weighted layer) for a trained module some scheme converts, else None."""
+    for scheme in SCHEMES.values():
+        if isinstance(m, scheme.layer_types()):
+            return scheme, True
+        if isinstance(m, scheme.act_types()):
+            return scheme, False
+    return None
+
+
+def default_scheme(weight_bits: int) -> str:
+    """The scheme a recipe that names none gets: float at 16/32 bits, binary at 1, integer otherwise."""
+    return "float" if weight_bits >= 16 else "binary" if weight_bits == 1 else "int"
+
+
+from qkit.quant.schemes import adder, binary, floating, integer  # noqa: E402,F401  (registration)
