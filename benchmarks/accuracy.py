@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import qkit
+from qkit.bundle import Manifest
 
 ALL = ["fp32", "fp16", "int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1", "adder", "adder-int8"]
 
@@ -52,7 +53,7 @@ def main() -> None:
             rows.append({"recipe": name, "seed": seed, "top1_onnx": result["top1"], "top1_torch": metrics["top1"],
                          "agreement": result["parity"]["agreement"], "epochs": metrics["epochs"],
                          "targets_agreement": min(on_targets, default=None), "targets_run": len(on_targets),
-                         "exact_on": json.loads((bundle / "manifest.json").read_text())["integer_kernels"]["exact_on"],
+                         "exact_on": Manifest.read(bundle).exact_on,
                          "train_seconds": round(seconds, 1)})
             print(json.dumps(rows[-1]), flush=True)
     base = np.mean([r["top1_onnx"] for r in rows if r["recipe"] == "fp32"])

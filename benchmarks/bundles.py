@@ -10,11 +10,11 @@ thread, batch 1, both models alternating in one process (≥ 200 pairs). Prints 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import qkit
+from qkit.bundle import ONNX, Manifest
 from latency import vs_fp32
 
 ALL = "fp32,fp16,int8,w4a8,w4a4,w2a8,w2a2,w1a8,w1a1,adder,adder-int8"
@@ -35,10 +35,9 @@ def main() -> None:
         for name in args.recipes.split(","):
             bundles[name] = qkit.export(Path(args.runs) / f"{name}-s{args.seed}", Path(tmp) / name, mobile=True)
             result = qkit.check(bundles[name])
-            manifest = json.loads((bundles[name] / "manifest.json").read_text())
-            files = manifest["files"]
+            manifest = Manifest.read(bundles[name])
             ex = result["execution"]
-            pte = manifest.get("executorch", {})
+            pte = manifest.executorch or {}
             pte_cell = (f"{pte['compute_int8']} / {pte['compute_delegated']} / {pte['compute_nodes']}"
                         if "compute_nodes" in pte else "—")
             agree = f"{result['parity']['agreement']:.2f} / " + (
@@ -48,9 +47,9 @@ def main() -> None:
             else:
                 (r,) = vs_fp32(bundles[name], bundles["fp32"], seconds=args.seconds)
                 speed = f"{r['ratio_median']} ({r['ratio_ci95'][0]}–{r['ratio_ci95'][1]})"
-            packed = files.get("model.packed.onnx", {}).get("bytes")
+            packed = manifest.shipping and manifest.files[manifest.shipping].bytes
             packed_cell = f"{packed / 1024:.1f}" if packed else "—"
-            print(f"| {name} | {files['model.onnx']['bytes'] / 1024:.1f} | {packed_cell} | "
+            print(f"| {name} | {manifest.files[ONNX].bytes / 1024:.1f} | {packed_cell} | "
                   f"{ex['int8']} / {ex['fp16']} / {ex['fp32']} | {pte_cell} | {result['top1']:.2f} | {agree} | "
                   f"{result['parity']['max_abs_logit_diff']:.2g} | {speed} |", flush=True)
 

@@ -100,7 +100,7 @@ def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, se
           resume, overwrite, out, quiet, as_json) -> None:
     """Train a model with a quantization recipe; writes runs/NAME/ (checkpoint.pt, metrics.json, ...)."""
     from qkit.quant import resolve_recipe
-    from qkit.train import train as run_train
+    from qkit.training import train as run_train
 
     r = resolve_recipe(recipe, bits, act_bits, adder)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -146,15 +146,15 @@ def export(run, out, opset, mobile, overwrite, model, quiet, as_json) -> None:
     """Export a trained RUN to a bundle: model.onnx + manifest.json (+ model.ort, model.pte).
 
     --out must be new, empty or an older bundle (replaced atomically once the new one is complete)."""
-    from qkit.check import read_manifest
+    from qkit.bundle import ONNX, Manifest
     from qkit.export import export as run_export
 
     bundle = run_export(run, out, opset, mobile, overwrite=overwrite, model=model)
-    m = read_manifest(bundle)
-    e = m["execution"]
-    _emit(as_json, {"bundle": str(bundle), **m},
-          f"{bundle}: {m['recipe']}, {m['files']['model.onnx']['bytes'] / 1024:.1f} KB, conv/matmul on int8 "
-          f"{e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']} kernels, torch top1 {m['top1']:.2f}%")
+    m = Manifest.read(bundle)
+    e = m.execution
+    _emit(as_json, {"bundle": str(bundle), **m.to_dict()},
+          f"{bundle}: {m.recipe}, {m.files[ONNX].bytes / 1024:.1f} KB, conv/matmul on int8 "
+          f"{e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']} kernels, torch top1 {m.top1:.2f}%")
 
 
 @cli.command()

@@ -10,7 +10,7 @@ from qkit.check import check
 from qkit.export import export
 from qkit.quant import load_recipe
 from qkit.report import compare
-from qkit.train import train
+from qkit.training import train
 
 # recipe → (epochs, start from the fp32 run?): QAT recipes fine-tune the fp32 weights, AdderNet trains
 # from scratch (its layers have no fp32 counterpart to copy).

@@ -1,11 +1,10 @@
 """Compare bundles side by side: one table (Markdown, CSV, JSON) and a plot with the Pareto front."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from qkit.check import read_manifest
+from qkit.bundle import ONNX, BenchRow, CheckResult, Manifest
 from qkit.fileio import atomic_path, staged_output, write_csv, write_json, write_text
 
 COLUMNS = ["recipe", "model", "weight_bits", "act_bits", "adder", "top1_onnx", "top1_torch", "drop", "agreement",
@@ -14,57 +13,37 @@ COLUMNS = ["recipe", "model", "weight_bits", "act_bits", "adder", "top1_onnx", "
 PRIMARY = "ort-cpu"  # the runtime of the headline latency column and of the speed-up
 
 
-def _read(path: Path, model_sha256: str) -> Any:
-    """A result file (check.json, bench.json) of this very model.onnx, or None: results of an earlier
-    export, or unreadable ones, are not reported."""
-    try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > 16 << 20:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    rows = data if isinstance(data, list) else [data]
-    if not all(isinstance(r, dict) and r.get("model_sha256") == model_sha256 for r in rows):
-        return None
-    return data
-
-
-def _latencies(bundle: Path, model_sha256: str) -> dict[str, dict[str, Any]]:
+def _latencies(manifest: Manifest) -> dict[str, BenchRow]:
     """runtime → its batch-1 row with the fewest threads, from the bundle's bench.json."""
-    best: dict[str, dict[str, Any]] = {}
-    for r in _read(bundle / "bench.json", model_sha256) or []:
-        if r.get("status") == "ok" and r.get("batch") == 1 and ("vs" not in r):
-            if r["runtime"] not in best or r["threads"] < best[r["runtime"]]["threads"]:
-                best[r["runtime"]] = r
+    best: dict[str, BenchRow] = {}
+    for r in BenchRow.read_all(manifest):
+        if r.ok and r.batch == 1 and r.vs is None:
+            if r.runtime not in best or r.threads < best[r.runtime].threads:
+                best[r.runtime] = r
     return best
+
+
+def _row(bundle: Path) -> dict[str, Any]:
+    """One bundle's row: its manifest, check.json and bench.json (results of an earlier export ignored)."""
+    m = Manifest.read(bundle)
+    chk = CheckResult.read(m)
+    lat = _latencies(m)
+    b = lat.get(PRIMARY)
+    return {
+        "recipe": m.recipe, "model": m.model, "weight_bits": m.weight_bits, "act_bits": m.act_bits,
+        "adder": m.adder, "top1_onnx": chk and chk.top1, "top1_torch": m.top1, "drop": chk and chk.drop,
+        "agreement": chk and chk.agreement, "int8_nodes": m.execution["int8"], "fp32_nodes": m.execution["fp32"],
+        "exact_on": ",".join(m.exact_on) or None, "targets_agreement": chk and chk.targets_agreement,
+        "size_kb": round(m.files[ONNX].bytes / 1024, 1), "ship_kb": round(m.files[m.shipping or ONNX].bytes / 1024, 1),
+        "latency_ms": b and b.get("median_ms"), "p99_ms": b and b.get("p99_ms"), "speedup_vs_fp32": None,
+        "peak_rss_mb": b and b.get("peak_rss_mb"), "bundle": str(bundle), "machine": b and b.machine,
+        **{f"ms_{rt}": r.get("median_ms") for rt, r in lat.items()}}
 
 
 def collect(bundles: list[str | Path]) -> list[dict[str, Any]]:
     """One row per bundle from its manifest, check.json and bench.json (batch 1, fewest threads): the
     ort-cpu figures in the main columns, every benched runtime's median in ``ms_<runtime>``."""
-    rows = []
-    for bundle in map(Path, bundles):
-        m = read_manifest(bundle)
-        sha = m["files"]["model.onnx"]["sha256"]
-        chk = _read(bundle / "check.json", sha) or {}
-        lat = _latencies(bundle, sha)
-        on_targets = [t["model.onnx"]["agreement"] for t in chk.get("targets", {}).values()
-                      if "agreement" in t.get("model.onnx", {})]
-        b = lat.get(PRIMARY, {})
-        rows.append({
-            "recipe": m["recipe"], "model": m["model"], "weight_bits": m["weight_bits"], "act_bits": m["act_bits"],
-            "adder": m["adder"], "top1_onnx": chk.get("top1"), "top1_torch": m["top1"],
-            "drop": chk.get("baseline", {}).get("drop"), "agreement": chk.get("parity", {}).get("agreement"),
-            "int8_nodes": m["execution"]["int8"], "fp32_nodes": m["execution"]["fp32"],
-            "exact_on": ",".join(m.get("integer_kernels", {}).get("exact_on", [])) or None,
-            "targets_agreement": min(on_targets, default=None),
-            "size_kb": round(m["files"]["model.onnx"]["bytes"] / 1024, 1),
-            "ship_kb": round(m["files"][m.get("roles", {}).get("shipping", {}).get("file", "model.onnx")]["bytes"]
-                             / 1024, 1),
-            "latency_ms": b.get("median_ms"),
-            "p99_ms": b.get("p99_ms"), "speedup_vs_fp32": None, "peak_rss_mb": b.get("peak_rss_mb"),
-            "bundle": str(bundle), "machine": b.get("machine"),
-            **{f"ms_{rt}": r["median_ms"] for rt, r in lat.items()}})
+    rows = [_row(Path(b)) for b in bundles]
     base = next((r for r in rows if r["weight_bits"] == 32 and not r["adder"] and r["latency_ms"]), None)
     for r in rows:
         if base and r["latency_ms"]:

@@ -101,7 +101,7 @@ def test_residual_mobilenetv2_int8_pte_is_fully_delegated(tmp_path):
     import torch
 
     from qkit.export.executorch import run_pte, write_pte
-    from qkit.export.lower import lower
+    from qkit.quant import convert as lower
 
     recipe = qkit.load_recipe("int8")
     torch.manual_seed(0)

@@ -1,11 +1,12 @@
 """Benchmark bundles on inference runtimes, each measurement in a fresh subprocess.
 
-A runner is a module beside ``worker.py`` (see there for its two functions); runtimes that are missing,
+A runner is a module of this package (see ``worker.py`` for its two functions); runtimes that are missing,
 or have no device, are reported as skipped. ``vs`` times every bundle against one reference bundle in the
 same process, call by call, and reports the ratio pair by pair.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -14,15 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from qkit.check import read_manifest
+from qkit.bundle import ONNX, BenchRow, Manifest
 from qkit.errors import QkitError
-from qkit.export.report import execution_report
 from qkit.fileio import write_json
 
-# runtime name → runner module beside worker.py (imported by the worker process only)
+# runtime name → runner module in this package (imported by the worker process only)
 RUNNERS = {"ort-cpu": "ort_runner", "ort-mobile": "ort_runner", "ort-cuda": "ort_runner", "ort-trt": "ort_runner",
            "executorch": "executorch_xnnpack", "openvino": "openvino_cpu", "torch": "torch_eager"}
-WORKER = Path(__file__).with_name("worker.py")
 
 
 def machine() -> dict[str, Any]:
@@ -46,9 +45,15 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), **versions}
 
 
+def bundle_facts(m: Manifest) -> dict[str, Any]:
+    """What a runner may know about a bundle (the worker process does not import qkit's bundle module)."""
+    return {"files": sorted(m.files), "input_shape": list(m.input_shape), "input_dtype": m.input.dtype,
+            "quantized": m.quantized, "pte": m.executorch or {}}
+
+
 def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     try:
-        proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "qkit.bench.worker", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
@@ -64,8 +69,8 @@ def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), t
           on_result: Callable[[dict[str, Any]], None] | None = None,
           source_run: str | Path | None = None) -> list[dict[str, Any]]:
     """Latency (median with 95 % CI, p90/p99/min), throughput, load time, peak RSS and file size per
-    configuration. Timing stops once the median's CI half-width is within ``target_ci`` of it (after
-    ``min_runs``) or after ``max_seconds``.
+    configuration (rows of :class:`qkit.bundle.BenchRow` as dicts). Timing stops once the median's CI
+    half-width is within ``target_ci`` of it (after ``min_runs``) or after ``max_seconds``.
 
     Without ``vs`` each bundle also gets a ``bench.json`` with its own rows, which ``qkit compare`` reads;
     with ``vs`` the rows carry ``ratio_median`` (bundle time / vs time, pair by pair) and are only returned.
@@ -76,43 +81,44 @@ def bench(bundles: list[str | Path], runtimes: tuple[str, ...] = ("ort-cpu",), t
         raise QkitError(f"unknown runtime {unknown[0]!r}; choose from {', '.join(RUNNERS)}")
     if any(t < 1 for t in threads) or any(b < 1 for b in batches):
         raise QkitError("--threads and --batch take positive integers")
-    manifests = {str(b): read_manifest(b) for b in bundles}
+    manifests = [Manifest.read(b) for b in bundles]
+    base = {"warmup": warmup, "min_runs": min_runs, "max_seconds": max_seconds, "target_ci": target_ci,
+            "source_run": str(source_run) if source_run is not None else None, "vs": None}
     if vs is not None:
-        read_manifest(vs)
-    reports: dict[str, dict[str, int]] = {}
-
-    def executed(bundle: str) -> dict[str, int]:
-        if bundle not in reports:
-            rep = execution_report(Path(bundle) / "model.onnx")
-            reports[bundle] = {k: rep[k] for k in ("int8", "fp16", "fp32")}
-        return reports[bundle]
-
-    facts = machine()
-    results: list[dict[str, Any]] = []
-    for bundle in map(str, bundles):
+        base.update(vs=str(vs), vs_facts=bundle_facts(Manifest.read(vs)))
+    facts, results = machine(), []
+    for m in manifests:
         rows = []
-        for runtime in runtimes:
-            for t in threads:
-                for b in batches:
-                    spec = {"bundle": bundle, "runtime": runtime, "module": RUNNERS[runtime], "threads": t,
-                            "batch": b, "warmup": warmup, "min_runs": min_runs, "max_seconds": max_seconds,
-                            "target_ci": target_ci, "vs": str(vs) if vs is not None else None,
-                            "source_run": str(source_run) if source_run is not None else None}
-                    row = {"bundle": bundle, "recipe": manifests[bundle]["recipe"], "runtime": runtime,
-                           "threads": t, "batch": b, **({"vs": str(vs)} if vs is not None else {}),
-                           **_run_worker(spec, timeout=120 + 10 * max_seconds)}
-                    if row["status"] == "ok" and runtime == "ort-cpu":
-                        row["executed"] = executed(bundle)
-                    row["machine"] = facts
-                    row["model_sha256"] = manifests[bundle]["files"]["model.onnx"]["sha256"]
-                    rows.append(row)
-                    if on_result:
-                        on_result(row)
+        for runtime, t, b in ((r, t, b) for r in runtimes for t in threads for b in batches):
+            spec = {**base, "bundle": str(m.dir), "facts": bundle_facts(m), "runtime": runtime,
+                    "module": RUNNERS[runtime], "threads": t, "batch": b}
+            out = _run_worker(spec, timeout=120 + 10 * max_seconds)
+            if out.get("status") == "ok" and runtime == "ort-cpu":
+                out["executed"] = _executed(m.file(ONNX))
+            row = BenchRow.from_dict({"bundle": str(m.dir), "recipe": m.recipe, "runtime": runtime, "threads": t,
+                                      "batch": b, "vs": base["vs"], "machine": facts,
+                                      "model_sha256": m.model_sha256, **out}).to_dict()
+            rows.append(row)
+            if on_result:
+                on_result(row)
         if vs is None:
-            try:
-                write_json(Path(bundle) / "bench.json", rows)
-            except OSError as exc:  # a read-only bundle: the rows are still returned
-                for row in rows:
-                    row["not_written"] = f"{Path(bundle) / 'bench.json'}: {exc.strerror or exc}"
+            _write_rows(m, rows)
         results += rows
     return results
+
+
+@functools.cache
+def _executed(onnx_path: Path) -> dict[str, int]:
+    """Conv/matmul nodes per kernel precision in ORT's optimised graph on this machine."""
+    from qkit.export.runtime import execution_report
+
+    rep = execution_report(onnx_path)
+    return {k: rep[k] for k in ("int8", "fp16", "fp32")}
+
+
+def _write_rows(m: Manifest, rows: list[dict[str, Any]]) -> None:
+    try:
+        write_json(Path(m.dir) / "bench.json", rows)
+    except OSError as exc:  # a read-only bundle: the rows are still returned
+        for row in rows:
+            row["not_written"] = f"{Path(m.dir) / 'bench.json'}: {exc.strerror or exc}"

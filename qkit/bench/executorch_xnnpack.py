@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from timing import example_input
+from qkit.bench.timing import example_input
 
 from importlib.metadata import version
 
@@ -17,22 +17,22 @@ except ImportError:
     executorch = None
 
 
-def unavailable(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> str | None:
+def unavailable(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]) -> str | None:
     if executorch is None:
         return "not installed (pip install -e '.[mobile]')"
-    if "model.pte" not in manifest["files"]:
-        why = manifest.get("executorch", {}).get("skipped", "export with --mobile")
+    if "model.pte" not in facts["files"]:
+        why = facts["pte"].get("skipped", "export with --mobile")
         return f"no model.pte in the bundle ({why})"
     if spec["batch"] != 1:
         return "model.pte is exported for batch 1"
     return None
 
 
-def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]):
+def load(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]):
     _unsafe_reset_threadpool(spec["threads"])
     method = Runtime.get().load_program(str(bundle / "model.pte")).load_method("forward")
-    x = torch.from_numpy(example_input(manifest, 1))
-    report = manifest.get("executorch", {})
+    x = torch.from_numpy(example_input(facts, 1))
+    report = facts["pte"]
     executed = {k: report[k] for k in ("compute_nodes", "compute_delegated", "compute_int8") if k in report}
     return (lambda: method.execute([x])), {"file": "model.pte", "file_bytes": (bundle / "model.pte").stat().st_size,
                                            "runtime_version": version("executorch"),

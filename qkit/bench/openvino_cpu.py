@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from timing import example_input
+from qkit.bench.timing import example_input
 
 try:
     import openvino as ov
@@ -16,17 +16,17 @@ except ImportError:
 _COMPUTE = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
 
 
-def unavailable(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> str | None:
+def unavailable(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]) -> str | None:
     return "not installed (pip install -e '.[bench]')" if ov is None else None
 
 
-def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]):
+def load(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]):
     core = ov.Core()
     model = core.read_model(str(bundle / "model.onnx"))
-    x = example_input(manifest, spec["batch"])
+    x = example_input(facts, spec["batch"])
     model.reshape({model.inputs[0].get_any_name(): list(x.shape)})
     config: dict[str, Any] = {"INFERENCE_NUM_THREADS": spec["threads"], "PERFORMANCE_HINT": "LATENCY"}
-    if manifest["weight_bits"] != 16:
+    if facts["input_dtype"] != "float16":
         config["INFERENCE_PRECISION_HINT"] = "f32"
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()

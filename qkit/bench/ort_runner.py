@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from timing import example_input  # sibling module: runners run inside worker.py
+from qkit.bench.timing import example_input
 
 try:
     import onnxruntime as ort
@@ -17,7 +17,7 @@ PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-mobile": "CPUExecutionProvi
 _GPU = ("ort-cuda", "ort-trt")
 
 
-def unavailable(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> str | None:
+def unavailable(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]) -> str | None:
     package = "onnxruntime-gpu" if runtime in _GPU else "onnxruntime"
     if ort is None:
         return f"not installed (pip install {package})"
@@ -25,12 +25,12 @@ def unavailable(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict
         return f"not installed: this onnxruntime has no {PROVIDERS[runtime]} (pip install {package})"
     if runtime in _GPU and not Path("/dev/nvidiactl").exists():
         return "no GPU"
-    if runtime == "ort-mobile" and "model.ort" not in manifest["files"]:
+    if runtime == "ort-mobile" and "model.ort" not in facts["files"]:
         return "no model.ort in the bundle (export with --mobile)"
     return None
 
 
-def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]):
+def load(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]):
     path = bundle / ("model.ort" if runtime == "ort-mobile" else "model.onnx")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -39,7 +39,7 @@ def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, A
                                                                             "CPUExecutionProvider"])))
     if sess.get_providers()[0] != PROVIDERS[runtime]:  # ORT falls back to CPU without saying so
         raise RuntimeError(f"{PROVIDERS[runtime]} did not initialise; ORT fell back to {sess.get_providers()[0]}")
-    feed = {sess.get_inputs()[0].name: example_input(manifest, spec["batch"])}
+    feed = {sess.get_inputs()[0].name: example_input(facts, spec["batch"])}
     info = {"file": path.name, "file_bytes": path.stat().st_size, "runtime_version": ort.__version__}
     if runtime in _GPU:
         info["executed"] = {"providers": sess.get_providers()}

@@ -1,4 +1,4 @@
-"""Timing shared by runners (imported by worker.py only): warm-up, then timed calls until the median is
+"""Timing shared by runners (imported by the worker process only): warm-up, then timed calls until the median is
 known to a relative 95 % confidence-interval half-width, or until the time budget runs out."""
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any, Callable
 import numpy as np
 
 
-def example_input(manifest: dict[str, Any], batch: int) -> np.ndarray:
+def example_input(facts: dict[str, Any], batch: int) -> np.ndarray:
     """A fixed random batch in the bundle's input dtype and shape (latency does not depend on the values)."""
-    dtype = np.float16 if manifest["input"]["dtype"] == "float16" else np.float32
-    return np.random.default_rng(0).standard_normal([batch, *manifest["input"]["shape"][1:]]).astype(dtype)
+    return np.random.default_rng(0).standard_normal([batch, *facts["input_shape"]]).astype(facts["input_dtype"])
 
 
 def median_ci(values: np.ndarray, z: float = 1.96) -> tuple[float, float]:

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from timing import example_input
+from qkit.bench.timing import example_input
 
-from qkit.train.checkpoint import load_model
+from qkit.training.checkpoint import load_model
 
 
-def unavailable(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]) -> str | None:
+def unavailable(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]) -> str | None:
     if not spec.get("source_run"):
         return "needs --source-run RUN (the trained run; qkit does not follow paths written in a bundle)"
     if not (Path(spec["source_run"]) / "checkpoint.pt").is_file():
@@ -23,11 +23,11 @@ def unavailable(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict
     return None
 
 
-def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, Any]):
+def load(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]):
     torch.set_num_threads(spec["threads"])
     model, _ = load_model(spec["source_run"])
     model.eval()
-    x = torch.from_numpy(example_input(manifest, spec["batch"]).astype(np.float32))
+    x = torch.from_numpy(example_input(facts, spec["batch"]).astype(np.float32))
 
     def call() -> None:
         with torch.no_grad():
@@ -35,5 +35,5 @@ def load(runtime: str, bundle: Path, manifest: dict[str, Any], spec: dict[str, A
 
     path = Path(spec["source_run"]) / "checkpoint.pt"
     return call, {"file": str(path), "file_bytes": path.stat().st_size, "runtime_version": torch.__version__,
-                  "executed": {"mode": "eager fp32 (fake quantization)" if manifest["weight_bits"] <= 8
-                               or manifest["act_bits"] <= 8 else "eager fp32"}}
+                  "executed": {"mode": "eager fp32 (fake quantization)" if facts["quantized"]
+                               else "eager fp32"}}

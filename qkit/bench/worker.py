@@ -1,10 +1,11 @@
-"""One measurement in a fresh process: ``python worker.py '<json spec>'`` prints one JSON line.
+"""One measurement in a fresh process: ``python -m qkit.bench.worker '<json spec>'`` prints one JSON line.
 
-Run by path, not as ``qkit.bench.worker``: it imports neither qkit nor torch (a runner that needs them
-imports them itself), so peak RSS is the runtime's own. A runner is a module beside this file with
-``unavailable(runtime, bundle, manifest, spec) -> str | None`` and
-``load(runtime, bundle, manifest, spec) -> (call, info)``: ``call()`` runs one inference on a fixed input,
-``info`` says which file ran, its size, the runtime version and what executed.
+It imports neither torch nor qkit's training or export code (a runner that needs them imports them itself),
+so peak RSS is the runtime's own. A runner is a module of ``qkit.bench`` with
+``unavailable(runtime, bundle, facts, spec) -> str | None`` and ``load(runtime, bundle, facts, spec) -> (call,
+info)``: ``call()`` runs one inference on a fixed input, ``info`` says which file ran, its size, the runtime
+version and what executed. ``facts`` are what the parent read from the bundle's manifest
+(:func:`qkit.bench.bundle_facts`): file names, input shape and dtype, whether it is quantized, the .pte report.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from timing import time_calls, time_pair
+from qkit.bench.timing import time_calls, time_pair
 
 
 def peak_rss_mb() -> float:
@@ -30,24 +31,23 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _open(runner, spec: dict, bundle: str):
+def _open(runner, spec: dict, bundle: str, facts: dict):
     bundle = Path(bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    reason = runner.unavailable(spec["runtime"], bundle, manifest, spec)
+    reason = runner.unavailable(spec["runtime"], bundle, facts, spec)
     if reason:
         return None, {"status": "skipped", "reason": reason}
     t0 = time.perf_counter()
-    call, info = runner.load(spec["runtime"], bundle, manifest, spec)
+    call, info = runner.load(spec["runtime"], bundle, facts, spec)
     call()  # the first inference belongs to loading (lazy kernel selection, graph compilation)
     return call, {**info, "load_ms": round((time.perf_counter() - t0) * 1e3, 2)}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    runner = importlib.import_module(spec["module"])
-    call, out = _open(runner, spec, spec["bundle"])
+    runner = importlib.import_module(f"qkit.bench.{spec['module']}")
+    call, out = _open(runner, spec, spec["bundle"], spec["facts"])
     if call is not None and spec.get("vs"):
-        vs_call, vs_info = _open(runner, spec, spec["vs"])
+        vs_call, vs_info = _open(runner, spec, spec["vs"], spec["vs_facts"])
         if vs_call is None:
             call, out = None, {"status": "skipped", "reason": f"--vs bundle: {vs_info['reason']}"}
         else:

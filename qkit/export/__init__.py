@@ -1,12 +1,12 @@
-"""Export a trained run to a deployable bundle: ``model.onnx`` + ``manifest.json`` (+ mobile files).
+"""Export to a deployable bundle: ``model.onnx`` + ``manifest.json`` (+ packed and mobile files).
 
-The bundle directory is assembled beside its destination and renamed into place, so an interrupted export
-never leaves a half-written bundle where a good one stood.
+``qkit.export`` takes a trained run (a folder written by ``qkit.train``) or a model object prepared with
+``qkit.quantize`` and trained by any loop. The bundle directory is assembled beside its destination and
+renamed into place, so an interrupted export never leaves a half-written bundle where a good one stood.
 """
 from __future__ import annotations
 
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,34 +14,34 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 import qkit
+from qkit.bundle import ONNX, ORT, PACKED, PTE, REFERENCE, InputSpec, Manifest, OutputSpec, is_bundle
 from qkit.data import load_dataset
 from qkit.errors import QkitError
 from qkit.export import executorch as pte
 from qkit.export import overflow
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
-from qkit.export.report import execution_report, session_options
-from qkit.fileio import check_output, sha256, staged_output
-from qkit.quant import SCHEMES, Recipe, convert
+from qkit.export.runtime import execution_report, session_options
+from qkit.fileio import check_output, staged_output
+from qkit.quant import SCHEMES, Recipe, convert, recipe_of
 from qkit.quant.deploy import packed_layers
-from qkit.train import predict, top1
-from qkit.train.checkpoint import load_model, recipe_from_dict
+from qkit.training import predict, top1
+from qkit.training.checkpoint import load_model, recipe_from_dict
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-PACKED = "model.packed.onnx"
 
 
-def to_onnx(deploy: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...],
+def to_onnx(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...],
             opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto | None]:
-    """Standard ONNX for a lowered model (batch dimension dynamic), and its packed low-bit twin when it
+    """Standard ONNX for a converted model (batch dimension dynamic), and its packed low-bit twin when it
     has ≤4-bit layers; both checked with ``full_check``."""
-    dtype = getattr(torch, recipe.dtype)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(deploy, (torch.zeros(1, *input_shape, dtype=dtype),), buf, dynamo=False,
-                          opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(deploy, (torch.zeros(1, *input_shape, dtype=getattr(torch, recipe.dtype)),), buf,
+                          dynamo=False, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     proto = onnx.load_from_string(buf.getvalue())
     if recipe.is_quantized:
@@ -60,16 +60,15 @@ def to_onnx(deploy: torch.nn.Module, recipe: Recipe, input_shape: tuple[int, ...
     return proto, packed
 
 
-def _write_mobile(bundle: Path, deploy: torch.nn.Module, recipe: Recipe,
-                  input_shape: tuple[int, ...]) -> dict[str, Any]:
+def _write_mobile(bundle: Path, deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...]) -> dict[str, Any]:
     """ONNX Runtime Mobile's flatbuffer format (``model.ort``, optimised at the portable level) and, where
-    the recipe allows and ExecuTorch is installed, an XNNPACK ``model.pte``; returns the .pte's report."""
+    the recipe's scheme allows and ExecuTorch is installed, an XNNPACK ``model.pte``; returns the .pte's report."""
     import onnxruntime as ort
 
-    so = session_options(optimized_path=str(bundle / "model.ort"))
+    so = session_options(optimized_path=str(bundle / ORT))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(bundle / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(bundle / ONNX), so, providers=["CPUExecutionProvider"])
     reason = pte.unsupported(recipe) or (None if pte.installed() else
                                          "ExecuTorch not installed (pip install -e '.[mobile]')")
     if reason:
@@ -77,80 +76,11 @@ def _write_mobile(bundle: Path, deploy: torch.nn.Module, recipe: Recipe,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return pte.write_pte(deploy, recipe, input_shape, bundle / pte.PTE)
+            return pte.write_pte(deploy, recipe, input_shape, bundle / PTE)
         except Exception as exc:  # an ExecuTorch lowering failure must not cost the user the ONNX bundle
-            (bundle / pte.PTE).unlink(missing_ok=True)
+            (bundle / PTE).unlink(missing_ok=True)
             return {"skipped": f"ExecuTorch/XNNPACK lowering failed ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
-
-
-def is_bundle(path: Path) -> bool:
-    """Is ``path`` a qkit bundle (the only thing an export replaces without --overwrite)?"""
-    try:
-        return json.loads((path / "manifest.json").read_text()).get("format", "").startswith("qkit-bundle")
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def export(run: str | Path, out: str | Path | None = None, opset: int | None = None,
-           mobile: bool = False, overwrite: bool = False, model: str | None = None) -> Path:
-    """Write the bundle for ``run`` and return its directory.
-
-    ``out`` must be new, empty or a bundle unless ``overwrite``; the old bundle is replaced in one atomic
-    step once the new one is complete. ``model``: the ``pkg.module:factory`` of a run of a user model (never
-    taken from the checkpoint)."""
-    dest = Path(out) if out else Path("export") / Path(run).resolve().name
-    check_output(dest, "bundle", is_bundle, overwrite)  # refuse before the work, not after
-    net, meta = load_model(run, model)
-    recipe = recipe_from_dict(meta["recipe"])
-    opset = opset or recipe.opset
-    if not 13 <= opset <= 20:
-        raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
-    input_shape = tuple(meta["input_shape"])
-    deploy = convert(net, recipe)
-    proto, packed = to_onnx(deploy, recipe, input_shape, opset)
-
-    ds = load_dataset(meta["data"], default_shape=input_shape)
-    x_test, y_test = ds.split("test")
-    ref_logits = predict(net, x_test)
-
-    with staged_output(dest, "bundle", is_bundle, overwrite) as tmp:
-        onnx.save(proto, tmp / "model.onnx")
-        if packed is not None:
-            onnx.save(packed, tmp / PACKED)
-        np.savez_compressed(tmp / "reference.npz", logits=ref_logits.numpy(), labels=y_test.numpy())
-        executorch = _write_mobile(tmp, deploy, recipe, input_shape) if mobile else None
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = build_manifest(meta, recipe, input_shape, top1(ref_logits, y_test), files, opset,
-                                  execution_report(tmp / "model.onnx"), run, packed, integer_kernels(proto))
-        if executorch is not None:
-            manifest["executorch"] = executorch
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return dest
-
-
-def build_manifest(meta: dict[str, Any], recipe: Recipe, input_shape: tuple[int, ...], torch_top1: float,
-                   files: dict[str, Any], opset: int, report: dict[str, Any], run: str | Path,
-                   packed: onnx.ModelProto | None, kernels: dict[str, Any]) -> dict[str, Any]:
-    roles = {"runtime": "model.onnx"}
-    if packed is not None:
-        roles["shipping"] = {"file": PACKED, "opset": packed.opset_import[0].version,
-                             "note": "low-bit weights stored at their width (INT4/INT2); same math as model.onnx; "
-                                     "ONNX Runtime 1.32 loads it at ORT_ENABLE_BASIC only"}
-    return {
-        "format": "qkit-bundle-1",
-        "input": {"name": INPUT_NAME, "shape": ["N", *input_shape],
-                  "dtype": recipe.dtype, "layout": "NCHW",
-                  "scale": meta["scale"], "mean": meta["mean"], "std": meta["std"],
-                  "preprocess": "x = (pixel / scale - mean[c]) / std[c]"},
-        "output": {"name": OUTPUT_NAME, "labels": meta["labels"], "kind": "logits"},
-        "recipe": recipe.name, "weight_bits": recipe.weight_bits, "act_bits": recipe.act_bits,
-        "adder": recipe.adder, "max_drop": recipe.max_drop,
-        "model": meta["model"], "data": meta["data"], "seed": meta.get("seed"),
-        "top1": torch_top1, "files": files, "opset": opset, "roles": roles,
-        "execution": report, "integer_kernels": kernels,
-        "source_run": str(run), "qkit_version": qkit.__version__,
-    }
 
 
 def integer_kernels(model: onnx.ModelProto) -> dict[str, Any]:
@@ -159,3 +89,85 @@ def integer_kernels(model: onnx.ModelProto) -> dict[str, Any]:
 
     families = overflow.report(model)
     return {"families": families, "exact_on": [t.name for t in TARGETS.values() if families[t.family]["safe"]]}
+
+
+def _opset(opset: int | None, recipe: Recipe) -> int:
+    opset = opset or recipe.opset
+    if not 13 <= opset <= 20:
+        raise QkitError(f"--opset must be between 13 and 20 (per-channel QDQ needs ≥ 13), got {opset}")
+    return opset
+
+
+def _write(dest: Path, net: nn.Module, manifest: Manifest, recipe: Recipe, mobile: bool, overwrite: bool,
+           reference: tuple[np.ndarray, np.ndarray] | None) -> Path:
+    """Convert, write and seal the bundle at ``dest`` (atomically replacing an older bundle)."""
+    deploy = convert(net, recipe)
+    proto, packed = to_onnx(deploy, recipe, manifest.input_shape, manifest.opset)
+    if packed is not None:
+        manifest.roles["shipping"] = {"file": PACKED, "opset": packed.opset_import[0].version,
+                                      "note": "low-bit weights stored at their width (INT4/INT2); same math as "
+                                              "model.onnx; ONNX Runtime 1.32 loads it at ORT_ENABLE_BASIC only"}
+    manifest.integer_kernels = integer_kernels(proto)
+    with staged_output(dest, "bundle", is_bundle, overwrite) as tmp:
+        onnx.save(proto, tmp / ONNX)
+        if packed is not None:
+            onnx.save(packed, tmp / PACKED)
+        if reference is not None:
+            np.savez_compressed(tmp / REFERENCE, logits=reference[0], labels=reference[1])
+        manifest.executorch = _write_mobile(tmp, deploy, recipe, manifest.input_shape) if mobile else None
+        manifest.execution = execution_report(tmp / ONNX)
+        manifest.seal(tmp)
+    return dest
+
+
+def _manifest(recipe: Recipe, input_shape: tuple[int, ...], labels: list[str], opset: int, **facts: Any) -> Manifest:
+    """A manifest with the recipe's facts filled in; files, execution and proofs come at writing."""
+    c = input_shape[0]
+    inp = InputSpec(shape=["N", *input_shape], dtype=recipe.dtype, scale=facts.pop("scale", 1.0),
+                    mean=facts.pop("mean", [0.0] * c), std=facts.pop("std", [1.0] * c))
+    return Manifest(input=inp, output=OutputSpec(labels=labels), recipe=recipe.name, weight_bits=recipe.weight_bits,
+                    act_bits=recipe.act_bits, adder=recipe.adder, scheme=recipe.scheme, max_drop=recipe.max_drop,
+                    files={}, opset=opset, roles={"runtime": ONNX}, execution={}, integer_kernels={},
+                    qkit_version=qkit.__version__, **facts)
+
+
+def export(source: str | Path | nn.Module, out: str | Path | None = None, opset: int | None = None,
+           mobile: bool = False, overwrite: bool = False, model: str | None = None, *,
+           example_input: torch.Tensor | None = None, data: str | None = None) -> Path:
+    """Write the bundle for ``source`` and return its directory.
+
+    ``source``: a run folder, or a model prepared by ``qkit.quantize`` and trained by any loop; then
+    ``example_input`` (a batch) gives the input shape, and ``data`` (the dataset it was trained on) the
+    labels, the preprocessing and the reference logits on its test split that ``qkit check`` compares with.
+    ``out`` must be new, empty or a bundle unless ``overwrite``. ``model``: the ``pkg.module:factory`` of a
+    run of a user model (never taken from the checkpoint)."""
+    if isinstance(source, nn.Module):
+        if example_input is None or example_input.dim() < 2 or out is None:
+            raise QkitError("exporting a model object needs out= and example_input= (a batch of inputs)")
+        facts = {"model": type(source).__name__, "input_shape": list(example_input.shape[1:]), "data": data,
+                 "seed": None}
+        return _export(source, recipe_of(source), facts, Path(out), opset, mobile, overwrite, None)
+    dest = Path(out) if out else Path("export") / Path(source).resolve().name
+    check_output(dest, "bundle", is_bundle, overwrite)  # refuse before the work, not after
+    net, meta = load_model(source, model)
+    return _export(net, recipe_from_dict(meta["recipe"]), meta, dest, opset, mobile, overwrite, str(source))
+
+
+def _export(net: nn.Module, recipe: Recipe, meta: dict[str, Any], dest: Path, opset: int | None, mobile: bool,
+            overwrite: bool, source_run: str | None) -> Path:
+    """Reference logits on the test split of ``meta["data"]`` (if any), then the bundle."""
+    check_output(dest, "bundle", is_bundle, overwrite)
+    input_shape = tuple(meta["input_shape"])
+    facts: dict[str, Any] = {"top1": None}
+    reference = None
+    if meta["data"] is not None:
+        ds = load_dataset(meta["data"], default_shape=input_shape)
+        x_test, y_test = ds.split("test")
+        logits = predict(net, x_test)
+        reference = (logits.numpy(), y_test.numpy())
+        facts = {"top1": top1(logits, y_test), **{k: meta.get(k, getattr(ds, k)) for k in ("scale", "mean", "std")}}
+        meta = {"labels": ds.labels, **meta}
+    labels = meta.get("labels") or [str(i) for i in range(int(predict(net, torch.zeros(1, *input_shape)).shape[1]))]
+    manifest = _manifest(recipe, input_shape, labels, _opset(opset, recipe), model=meta["model"], data=meta["data"],
+                         seed=meta.get("seed"), source_run=source_run, **facts)
+    return _write(dest, net, manifest, recipe, mobile, overwrite, reference)

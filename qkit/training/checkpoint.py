@@ -12,7 +12,6 @@ from qkit.errors import QkitError
 from qkit.fileio import atomic_path
 from qkit.models import create_model
 from qkit.quant import Recipe, quantize
-from qkit.quant.recipe import TrainConfig
 
 FORMAT = "qkit-checkpoint-1"
 

@@ -1,4 +1,5 @@
-"""What actually runs: conv/matmul nodes of ORT's *optimised* CPU graph, by kernel precision."""
+"""ONNX Runtime on the CPU: session options, running a model file, and what actually runs (conv/matmul nodes
+of ORT's *optimised* graph, by kernel precision)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+
+from qkit.errors import QkitError
 
 INT_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
            "DynamicQuantizeMatMul", "NhwcQLinearConv", "QAttention"}
@@ -50,3 +54,20 @@ def execution_report(onnx_path: str | os.PathLike) -> dict[str, Any]:
     return {"int8": counts["int8"], "fp16": counts["fp16"], "fp32": counts["fp32"],
             "nodes": len(graph.node), "op_types": dict(sorted(op_types.items())),
             "optimization": "ORT_ENABLE_ALL, CPUExecutionProvider"}
+
+
+def run_onnx(path: str | os.PathLike, x: np.ndarray, batch_size: int = 250, threads: int | None = None,
+             basic: bool = False) -> np.ndarray:
+    """Logits from ONNX Runtime's CPU provider (``basic``: ORT_ENABLE_BASIC, for packed INT2/INT4 files)."""
+    import onnxruntime as ort
+
+    so = session_options(threads)
+    if basic:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types on invalid models
+        raise QkitError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0].astype(np.float32)
+                           for i in range(0, len(x), batch_size)])

@@ -31,7 +31,7 @@ from qkit.errors import QkitError
 from qkit.fileio import check_output, new_staging, output_lock, remove_stale, replace_with, write_json, write_text
 from qkit.models import create_model, default_input_shape
 from qkit.quant import Recipe, load_recipe, quantize
-from qkit.train import checkpoint
+from qkit.training import checkpoint
 
 
 def seed_everything(seed: int) -> None:
