@@ -144,7 +144,7 @@ def bench_qat(repeats: int) -> list[dict]:
 def bench_data(repeats: int) -> dict:
     import qkit
     from qkit.data import load_dataset
-    from qkit.training import _shift
+    from qkit.training.loop import shift as _shift
 
     ds = load_dataset("mnist5k")
     x_train, _ = ds.split("train")
