@@ -12,7 +12,7 @@ import qkit
 from qkit.quant import load_recipe
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
-RECIPES = ["fp32", "fp16", "int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1", "adder", "adder-int8"]
+RECIPES = ["fp32", "fp16", "int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1", "ternary", "adder", "adder-int8"]
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
             assert run["max_abs_logit_diff"] <= result["parity"]["max_abs_logit_diff"] + tol, (name, run)
 
 
-@pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1"])
+@pytest.mark.parametrize("name", ["int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1", "ternary"])
 def test_integer_recipes_run_on_integer_kernels(bundles, name):
     report = json.loads((bundles[name] / "manifest.json").read_text())["execution"]
     # Both convs and both FCs run as QLinearConv/QGemm (the logits QGemm with float output).

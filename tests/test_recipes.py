@@ -42,3 +42,37 @@ def test_bad_shorthands(kw, message):
 def test_recipe_parser_rejects_bad_yaml(text, message):
     with pytest.raises(QkitError, match=message):
         parse_recipe(text)
+
+
+def test_every_recipe_names_a_registered_scheme_that_fits_its_bits():
+    from qkit.quant import SCHEMES, load_recipe
+
+    for name in list_recipes():
+        r = load_recipe(name)
+        assert r.scheme in SCHEMES and SCHEMES[r.scheme].check(r) is None, name
+
+
+@pytest.mark.parametrize("kw, scheme", [({"bits": 1}, "binary"), ({"bits": 2}, "int"), ({"bits": 16}, "float"),
+                                        ({"adder": True, "bits": 8}, "adder"), ({"recipe": "w1a1", "bits": 4}, "int")])
+def test_shorthands_pick_the_scheme_of_their_bits(kw, scheme):
+    assert resolve_recipe(**kw).scheme == scheme
+
+
+def test_recipes_and_checkpoints_from_before_schemes_still_load():
+    """They said ``adder: true``; a recipe dict in an old checkpoint also has ``adder: false``."""
+    from qkit.quant import Recipe
+
+    assert parse_recipe("name: a\nweight_bits: 8\nact_bits: 8\nadder: true").scheme == "adder"
+    old = {**resolve_recipe(bits=2).to_dict(), "adder": False}
+    old.pop("scheme")
+    assert Recipe.from_dict(old).scheme == "int"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: a\nscheme: quaternary", "unknown scheme 'quaternary'"),
+    ("name: a\nweight_bits: 4\nact_bits: 8\nscheme: binary", "binary weights are 1 bit"),
+    ("name: a\nweight_bits: 4\nact_bits: 4\nscheme: ternary", "ternary weights take weight_bits 2"),
+    ("name: a\nweight_bits: 8\nact_bits: 8\nscheme: int\nadder: true", "contradicts scheme")])
+def test_a_scheme_refuses_bits_it_cannot_run(text, message):
+    with pytest.raises(QkitError, match=message):
+        parse_recipe(text)

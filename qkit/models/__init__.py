@@ -9,7 +9,6 @@ import importlib
 import sys
 from typing import Callable
 
-import torch
 from torch import nn
 
 from qkit.errors import QkitError

@@ -13,7 +13,7 @@ import yaml
 from qkit.errors import QkitError
 from qkit.quant.schemes import default_scheme, get_scheme
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data; ./recipes links here
 BITS = (32, 16, 8, 4, 2, 1)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _BY_BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "w4a8", 2: "w2a8", 1: "w1a8"}

@@ -5,11 +5,14 @@ quantizer (for the bit widths it claims), the deploy module each of its trained 
 rewiring after conversion, and where its bundles run. :func:`qkit.quantize` and :func:`qkit.convert` are
 generic loops over this registry; a recipe names its scheme (``scheme: int``).
 
-Adding a scheme: a new ``schemes/NAME.py`` with ``@register_scheme("NAME") class ...(Scheme)``, imported
-at the bottom of this file, and a recipe YAML that says ``scheme: NAME``.
+Adding a scheme: a new ``schemes/NAME.py`` with ``@register_scheme("NAME") class ...(Scheme)`` (every
+module of this package is imported, in name order), a recipe YAML that says ``scheme: NAME``, and its entry
+in ``tests/test_schemes.py``'s table.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import TYPE_CHECKING, Callable, TypeVar
 
 from torch import fx, nn
@@ -112,4 +115,5 @@ def default_scheme(weight_bits: int) -> str:
     return "float" if weight_bits >= 16 else "binary" if weight_bits == 1 else "int"
 
 
-from qkit.quant.schemes import adder, binary, floating, integer  # noqa: E402,F401  (registration)
+for _module in pkgutil.iter_modules(__path__):  # registration
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,0 +1,81 @@
+"""Ternary scheme: weights α_c·t with t ∈ {−1, 0, +1} (Li, Zhang & Liu, "Ternary Weight Networks", 2016),
+8-bit activations by the integer scheme. At deploy time the weights are integers −1/0/+1 with α_c as the
+scale, stored packed as INT2 in ``model.packed.onnx``; everything downstream is the integer path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkit.quant.deploy import QuantWeightLayer
+from qkit.quant.schemes import Scheme, register_scheme
+
+
+class _TernarySTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = w.abs().flatten(1)
+        delta = 0.7 * flat.mean(1, keepdim=True)
+        t = torch.where(flat > delta, torch.sign(w.flatten(1)), torch.zeros_like(flat))
+        alpha = (flat * t.abs()).sum(1) / t.abs().sum(1).clamp_min(1)
+        return (t * alpha.unsqueeze(1)).view_as(w), alpha.clamp_min(1e-8)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_alpha: torch.Tensor):
+        return grad
+
+
+def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary weights per output channel: w_t = α_c·t, t = sign(w) where |w| > Δ_c, else 0.
+
+    Δ_c = 0.7·mean|w_c| and α_c = mean of |w| over the kept weights (the paper's approximate solution).
+    Backward: straight-through (identity) to the latent fp32 weights. Returns (w_t, α).
+    """
+    return _TernarySTE.apply(w)
+
+
+class TernaryConv2d(nn.Conv2d):
+    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return ternary_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quant_weight()[0], self.bias)
+
+
+class TernaryLinear(nn.Linear):
+    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return ternary_weight(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quant_weight()[0], self.bias)
+
+
+@register_scheme("ternary")
+class TernaryScheme(Scheme):
+    def check(self, recipe) -> str | None:
+        return None if recipe.weight_bits == 2 and 2 <= recipe.act_bits <= 8 else "ternary weights take weight_bits 2"
+
+    def layer(self, m: nn.Module, bits: int, recipe) -> nn.Module | None:
+        if isinstance(m, nn.Conv2d):
+            new = TernaryConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                                dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
+        elif isinstance(m, nn.Linear):
+            new = TernaryLinear(m.in_features, m.out_features, bias=m.bias is not None)
+        else:
+            return None
+        new.load_state_dict(m.state_dict())
+        return new
+
+    def layer_types(self) -> tuple[type, ...]:
+        return TernaryConv2d, TernaryLinear
+
+    def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
+        w_t, alpha = m.quant_weight()
+        t = torch.round(w_t / alpha.view(-1, *[1] * (w_t.dim() - 1))).detach()
+        bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
+        return QuantWeightLayer(t, alpha.detach() * mult, bias * mult + shift,
+                                m if isinstance(m, nn.Conv2d) else None, bits=2)
+
+    def executorch(self, recipe) -> str | None:
+        return None if recipe.act_bits == 8 else "XNNPACK takes 8-bit activations only"
