@@ -6,11 +6,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from qkit.errors import QkitError
+
+if TYPE_CHECKING:
+    from qkit.bundle import CheckResult
 
 
 def _progress(quiet: bool) -> bool:
@@ -173,6 +176,7 @@ def check(bundle, baseline, data, max_drop, targets, target_samples, quiet, as_j
     """Run BUNDLE in ONNX Runtime on the test split and on each target CPU's own kernels.
 
     Exit 0 pass, 1 accuracy, parity or target gate failed, 2 bad input."""
+    from qkit.bundle import CheckResult
     from qkit.check import check as run_check
 
     names = None if targets == "all" else () if targets == "none" else tuple(
@@ -182,31 +186,36 @@ def check(bundle, baseline, data, max_drop, targets, target_samples, quiet, as_j
         raise QkitError(f"--target-samples takes a positive integer or 'all', got {target_samples!r}")
     r = run_check(bundle, baseline, data, max_drop, targets=names,
                   target_samples=None if samples is None else samples[0])
-    lines = [f"{r['recipe']}: top1 {r['top1']:.2f}% (ONNX Runtime, {r['test_samples']} test images)"]
-    if "parity" in r:
-        p = r["parity"]
+    c = CheckResult(**r)
+    _emit(as_json, r, "\n".join(_check_lines(c)))
+    if c.not_written:
+        raise QkitError(f"could not write {c.not_written} (the results above are complete)")
+    sys.exit(0 if c.passed else 1)
+
+
+def _check_lines(c: CheckResult) -> list[str]:
+    lines = [f"{c.recipe}: top1 {c.top1:.2f}% (ONNX Runtime, {c.test_samples} test images)"]
+    if c.parity:
+        p = c.parity
         lines.append(f"  parity with PyTorch: {p['agreement']:.2f}% same class (≥ {p['min_agreement']} needed), "
                      f"max |Δlogit| {p['max_abs_logit_diff']:.4g}")
-    if "packed" in r:
-        k = r["packed"]
+    if c.packed:
+        k = c.packed
         lines.append(f"  {k['file']} (packed low-bit weights): {k['agreement_with_runtime_file']:.2f}% same class "
                      f"as model.onnx")
-    x = r.get("executorch")
+    x = c.executorch
     if x:
         lines.append(f"  model.pte (ExecuTorch): skipped, {x['skipped']}" if "skipped" in x else
                      f"  model.pte (ExecuTorch): {x['agreement']:.2f}% same class as PyTorch (≥ {x['min_agreement']}"
                      f" needed), max |Δlogit| {x['max_abs_logit_diff']:.4g}")
-    lines += [_target_line(name, t) for name, t in r["targets"].items()]
-    if "baseline" in r:
-        b = r["baseline"]
+    lines += [_target_line(name, t) for name, t in c.targets.items()]
+    if c.baseline:
+        b = c.baseline
         lines.append(f"  vs baseline {b['top1']:.2f}%: drop {b['drop']:+.2f} points (max {b['max_drop']})")
-    e = r["execution"]
+    e = c.execution
     lines.append(f"  conv/matmul nodes after ORT optimisation: int8 {e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']}")
-    lines.append("PASS" if r["passed"] else f"FAIL: {', '.join(r['failed'])}")
-    _emit(as_json, r, "\n".join(lines))
-    if "not_written" in r:
-        raise QkitError(f"could not write {r['not_written']} (the results above are complete)")
-    sys.exit(0 if r["passed"] else 1)
+    lines.append("PASS" if c.passed else f"FAIL: {', '.join(c.failed)}")
+    return lines
 
 
 def _target_line(name: str, t: dict[str, Any]) -> str:
@@ -254,6 +263,7 @@ def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci
 
     Each measurement runs in a fresh process with a pinned thread count."""
     from qkit.bench import bench as run_bench
+    from qkit.bundle import BenchRow
     from qkit.fileio import write_csv, write_json
 
     def show(row: dict[str, Any]) -> None:
@@ -281,10 +291,11 @@ def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci
         write_json(json_file, rows)
     if csv_file:
         write_csv(csv_file, rows, BENCH_CSV)
-    unwritten = sorted({r["not_written"] for r in rows if "not_written" in r})
+    typed = [BenchRow.from_dict(r) for r in rows]
+    unwritten = sorted({r.get("not_written") for r in typed if r.get("not_written")})
     if unwritten:
         raise QkitError(f"could not write {unwritten[0]} (the results above are complete)")
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in typed if r.status == "failed"]
     if failed:
         click.echo(f"FAIL: {len(failed)} of {len(rows)} measurements failed", err=True)
         sys.exit(1)
