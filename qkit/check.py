@@ -12,7 +12,7 @@ import numpy as np
 from qkit.bundle import ONNX, ORT, PTE, REFERENCE, CheckResult, Manifest
 from qkit.data import load_dataset
 from qkit.errors import QkitError
-from qkit.export.runtime import execution_report, run_onnx
+from qkit.export.runtime import execution_report, kernel_counts, run_onnx
 from qkit.fileio import write_json
 
 PARITY_MIN_AGREEMENT = 99.5  # % of test images on which ONNX and PyTorch pick the same class
@@ -65,10 +65,10 @@ def _check_target(name: str, bound, manifest: Manifest, x: np.ndarray, y: np.nda
     if reason:
         entry["skipped"] = reason
     else:
-        for f, logits in zip(files, targets.run(name, [manifest.file(f) for f in files], x)):
-            entry[f] = {"error": logits} if isinstance(logits, str) else {
-                "top1": _top1(logits, y), "agreement_with_native": _top1(logits, native.argmax(1)),
-                **({} if ref is None else _agreement(logits, ref))}
+        for f, got in zip(files, targets.run(name, [manifest.file(f) for f in files], x)):
+            entry[f] = {"error": got.error} if got.error else {
+                "top1": _top1(got.logits, y), "agreement_with_native": _top1(got.logits, native.argmax(1)),
+                **({} if ref is None else _agreement(got.logits, ref)), "executed": kernel_counts(got.executed)}
     runs = [entry[f] for f in files if f in entry]
     entry["passed"] = bound.safe and all("error" not in r and r.get("agreement", r["agreement_with_native"])
                                          >= PARITY_MIN_AGREEMENT for r in runs)

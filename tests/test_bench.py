@@ -115,3 +115,16 @@ def test_residual_mobilenetv2_int8_pte_is_fully_delegated(tmp_path):
     assert report["compute_delegated"] == report["compute_nodes"] == 53 and report["compute_int8"] == 52
     out = run_pte(tmp_path / "model.pte", x.numpy())
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
+
+
+def test_ort_file_runs_the_integer_kernels_of_the_onnx_on_every_target(mobile):
+    """model.ort is saved at ORT's extended level, with the QDQ groups already fused into QLinearConv/QGemm:
+    profiled on each target CPU, it runs as many integer kernels as model.onnx (at the basic level it ran
+    none: every conv went back to float behind DequantizeLinear)."""
+    manifest = json.loads((mobile["int8"] / "manifest.json").read_text())
+    assert manifest["roles"]["mobile"]["optimization"] == "ORT_ENABLE_EXTENDED"
+    result = qkit.check(mobile["int8"], target_samples=20)
+    ran = [t for t in result["targets"].values() if "skipped" not in t]
+    assert ran, "no target CPU could run here"
+    for t in ran:
+        assert t["model.ort"]["executed"] == t["model.onnx"]["executed"] == {"int8": 4, "float": 0}, t

@@ -54,7 +54,7 @@ def test_emulated_kernels_saturate_exactly_where_the_proof_says(tmp_path):
         path = tmp_path / f"w{weight[0, 0]}.onnx"
         onnx.save(one_layer(weight), path)
         exact = float(255 * weight.sum())
-        got = {t: targets.run(t, [path], x)[0] for t in ("x86-avx2", "arm64", "arm64-dotprod")}
+        got = {t: targets.run(t, [path], x)[0].logits for t in ("x86-avx2", "arm64", "arm64-dotprod")}
         assert got["arm64"].max() == got["arm64-dotprod"].min() == exact
         assert bool(got["x86-avx2"].max() == exact) is avx2_exact
         assert prove(onnx.load(path))["x86-u8s8-int16"].safe is avx2_exact

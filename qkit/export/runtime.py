@@ -32,6 +32,12 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
     return so
 
 
+def kernel_counts(op_types: dict[str, int]) -> dict[str, int]:
+    """Conv/matmul nodes on integer and float kernels, from {op type: nodes} (e.g. a profiled run)."""
+    return {"int8": sum(n for op, n in op_types.items() if op in INT_OPS),
+            "float": sum(n for op, n in op_types.items() if op in FLOAT_OPS)}
+
+
 def execution_report(onnx_path: str | os.PathLike) -> dict[str, Any]:
     """Count conv/matmul nodes on integer, fp16 and fp32 kernels after ORT CPU graph optimisation."""
     import onnxruntime as ort

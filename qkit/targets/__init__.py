@@ -117,8 +117,17 @@ def unavailable(name: str) -> str | None:
     return None
 
 
-def run(name: str, models: list[Path], x: np.ndarray, timeout: float = 900) -> list[np.ndarray | str]:
-    """Logits of each model file on target ``name`` for inputs ``x`` (or its error line), one process."""
+@dataclass
+class TargetRun:
+    """One model file on one target: its logits and the ops its inference executed, or why it could not run."""
+
+    logits: np.ndarray | None = None
+    executed: dict[str, int] | None = None  # op type → nodes, from ORT's profiler on that CPU
+    error: str | None = None
+
+
+def run(name: str, models: list[Path], x: np.ndarray, timeout: float = 900) -> list[TargetRun]:
+    """Each model file on target ``name`` for inputs ``x``, in one process."""
     cmd = _command(TARGETS[name])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if TARGETS[name].arch == "aarch64" and cmd[0] != sys.executable:
@@ -138,4 +147,5 @@ def run(name: str, models: list[Path], x: np.ndarray, timeout: float = 900) -> l
             last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "TCG doesn't support" not in ln]
             raise QkitError(f"target {name}: the worker failed ({last[-1][:200] if last else proc.returncode})")
         with np.load(tmp / "out.npz") as out:
-            return [out[f"m{i}"] if f"m{i}" in out else str(out[f"e{i}"]) for i in range(len(models))]
+            return [TargetRun(out[f"m{i}"], json.loads(str(out[f"k{i}"]))) if f"m{i}" in out
+                    else TargetRun(error=str(out[f"e{i}"])) for i in range(len(models))]

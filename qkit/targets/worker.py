@@ -2,27 +2,53 @@
 
 Run by path, by whatever interpreter the target uses (an emulated ARM64 python3.11 included): it imports
 only numpy and onnxruntime. JOBS.json is ``{"input": X.npy, "models": [paths], "out": OUT.npz}``; the
-logits of model i are saved as ``OUT.npz["m{i}"]``, and a model ORT refuses as ``OUT.npz["e{i}"]`` (its
+logits of model i are saved as ``OUT.npz["m{i}"]``, the ops its first inference executed (ORT's profiler:
+``{op type: nodes}``, as JSON) as ``OUT.npz["k{i}"]``, and a model ORT refuses as ``OUT.npz["e{i}"]`` (its
 first error line). Integer kernels are chosen by ORT at load from this CPU's features, exactly as on a
 device: that is the point.
 """
+import glob
 import json
+import os
 import sys
+import tempfile
 
 import numpy as np
 import onnxruntime as ort
 
 
-def logits(path: str, x: np.ndarray) -> np.ndarray:
+def session(path: str, profile_dir: str | None = None):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not path.endswith(".ort"):  # an .ort file keeps the optimisations it was saved with
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_dir:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(profile_dir, "profile")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    dtype = np.float16 if "float16" in sess.get_inputs()[0].type else np.float32
+    inp = sess.get_inputs()[0]
+    return sess, inp.name, np.float16 if "float16" in inp.type else np.float32
+
+
+def logits(path: str, x: np.ndarray) -> np.ndarray:
+    sess, name, dtype = session(path)
     return np.concatenate([sess.run(None, {name: x[i:i + 256].astype(dtype)})[0].astype(np.float32)
                            for i in range(0, len(x), 256)])
+
+
+def executed(path: str, x: np.ndarray) -> dict:
+    """{op type: number of nodes} that one inference ran, from ORT's profiler (what ran, not what was saved)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess, name, dtype = session(path, tmp)
+        sess.run(None, {name: x[:1].astype(dtype)})
+        sess.end_profiling()
+        events = json.load(open(glob.glob(os.path.join(tmp, "profile*.json"))[0]))
+    nodes = {e["name"]: e["args"]["op_name"] for e in events
+             if e.get("cat") == "Node" and "op_name" in e.get("args", {}) and e["name"].endswith("_kernel_time")}
+    counts: dict = {}
+    for op in nodes.values():
+        counts[op] = counts.get(op, 0) + 1
+    return counts
 
 
 def main() -> None:
@@ -32,6 +58,7 @@ def main() -> None:
     for i, path in enumerate(jobs["models"]):
         try:
             out[f"m{i}"] = logits(path, x)
+            out[f"k{i}"] = np.array(json.dumps(executed(path, x)))
         except Exception as exc:  # reported per file by the caller
             out[f"e{i}"] = np.array(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
     np.savez(jobs["out"], **out)
