@@ -47,7 +47,7 @@ def _check_pte(manifest: Manifest, x: np.ndarray, y: np.ndarray, ref: np.ndarray
 
     if not installed():
         return {"skipped": "ExecuTorch not installed (pip install -e '.[mobile]')"}
-    logits = run_pte(manifest.file(PTE), x)
+    logits = run_pte(manifest.file(PTE), x.astype(manifest.input.dtype)).astype(np.float32)
     return {"top1": _top1(logits, y), **_agreement(logits, ref), "min_agreement": PTE_MIN_AGREEMENT}
 
 

@@ -19,26 +19,31 @@ needs_executorch = pytest.mark.skipif(not executorch_installed(), reason="ExecuT
 @pytest.fixture(scope="module")
 def mobile(runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("mobile")
-    return {name: qkit.export(runs[name], root / name, mobile=True) for name in ("fp32", "int8", "w2a8", "w2a2")}
+    return {name: qkit.export(runs[name], root / name, mobile=True)
+            for name in ("fp32", "fp16", "int8", "w2a8", "w2a2", "w4a4", "w1a1")}
 
 
 @needs_executorch
-@pytest.mark.parametrize("name", ["fp32", "int8", "w2a8"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "w2a8", "w2a2"])
 def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
     manifest = json.loads((mobile[name] / "manifest.json").read_text())
     et = manifest["executorch"]
     assert "model.pte" in manifest["files"] and et["compute_delegated"] == et["compute_nodes"] == 4
     # int8 kernels for every layer whose output is requantized; the classifier runs fp32 inside XNNPACK
-    assert et["compute_int8"] == (0 if name == "fp32" else 3)
+    assert et["compute_int8"] == (0 if name.startswith("fp") else 3)
     result = qkit.check(mobile[name])
     assert result["passed"] and result["executorch"]["agreement"] >= 99.0
     assert abs(result["executorch"]["top1"] - result["top1"]) <= 1.0
+    if name == "w2a2":  # 2-bit levels in int8, clamped and with threshold-exact biases: XNNPACK is exact
+        assert result["executorch"]["agreement"] == 100.0
 
 
-def test_pte_is_skipped_with_a_reason_where_xnnpack_cannot_run_it(mobile):
-    manifest = json.loads((mobile["w2a2"] / "manifest.json").read_text())
+@pytest.mark.parametrize("name", ["w4a4", "w1a1"])
+def test_pte_is_skipped_with_a_reason_where_xnnpack_cannot_run_it_exactly(mobile, name):
+    manifest = json.loads((mobile[name] / "manifest.json").read_text())
     assert "model.pte" not in manifest["files"] and "model.ort" in manifest["files"]
-    assert "skipped" in manifest["executorch"]
+    assert manifest["executorch"]["skipped"] == qkit.get_scheme(manifest["scheme"]).executorch(
+        qkit.load_recipe(manifest["recipe"]))
 
 
 def test_every_runner_reports_ok_or_skipped(mobile, runs, tmp_path):

@@ -53,18 +53,35 @@ def _ops():
 
 
 class Int8Act(nn.Module):
-    """The QAT activation quantizer as PT2E Q/DQ: uint8 (scale, zp) → int8 (scale, zp − 128)."""
+    """The QAT activation quantizer as PT2E Q/DQ: uint8 (scale, zp) → int8 (scale, zp − 128).
+
+    An L-level (2-4-bit) activation: XNNPACK's Q/DQ ignore a narrower range, and a clamp between a conv and
+    its Q keeps the conv out of the delegate. So it is the int8 grid, an integer clamp at the top level (a
+    quantized clamp in XNNPACK), and the grid again. (Spreading the levels by k, as the ONNX export does, made
+    XNNPACK's clamp requantize inexactly: measured, not used.)"""
 
     def __init__(self, act: QuantAct) -> None:
         super().__init__()
         self.scale, self.zero_point, self.relu = act.scale, act.zero_point - 128, act.relu
+        self.levels = act.levels
+        self.top = None if act.levels == 256 else (act.levels - 1 - act.zero_point) * act.scale
+
+    def input_range(self) -> tuple[int, int, int]:
+        """(lowest, highest, step) of the integers q − zp its consumers see."""
+        zp = self.zero_point + 128
+        return -zp, self.levels - 1 - zp, 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.relu:
             x = torch.relu(x)
-        ops = _ops()
-        q = ops.quantize_per_tensor.default(x, self.scale, self.zero_point, -128, 127, torch.int8)
-        return ops.dequantize_per_tensor.default(q, self.scale, self.zero_point, -128, 127, torch.int8)
+        x = _qdq(x, self.scale, self.zero_point)
+        return x if self.top is None else _qdq(torch.clamp(x, max=self.top), self.scale, self.zero_point)
+
+
+def _qdq(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    ops = _ops()
+    q = ops.quantize_per_tensor.default(x, scale, zero_point, -128, 127, torch.int8)
+    return ops.dequantize_per_tensor.default(q, scale, zero_point, -128, 127, torch.int8)
 
 
 class Int8WeightLayer(nn.Module):
@@ -102,8 +119,8 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
             continue
         m = gm.get_submodule(node.target)
         if isinstance(m, QuantAct):
-            if m.levels != 256:
-                raise ValueError("ExecuTorch export needs 8-bit activations")
+            if m.binary:
+                raise ValueError("ExecuTorch export of sign activations is not supported")
             set_module(gm, node.target, Int8Act(m))
         elif isinstance(m, QuantWeightLayer):
             requantized = any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantAct)
@@ -122,9 +139,46 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
                 with gm.graph.inserting_after(node):
                     rq = gm.graph.call_module(name, (node,))
                 node.replace_all_uses_with(rq, delete_user_cb=lambda u: u is not rq)
+    for node in list(gm.graph.nodes):
+        _exact_thresholds(node, gm)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _act_of(node: object, gm: fx.GraphModule) -> "Int8Act | None":
+    node = source(node, gm)
+    if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(gm.get_submodule(node.target), Int8Act):
+        return gm.get_submodule(node.target)
+    return None
+
+
+def _exact_thresholds(node: fx.Node, gm: fx.GraphModule) -> None:
+    """An int8 layer between two sub-8-bit activations gets, per output channel, the bias and weight scale
+    with which XNNPACK's integer kernel picks the float layer's level for every reachable accumulator (the
+    same search as the ONNX export's :func:`qkit.export.onnx_passes._threshold_exact_bias`): rounding the
+    bias alone moves thresholds of a 2-4-bit output, and through residual nets that flips answers."""
+    from qkit.export.onnx_passes import _threshold_exact_bias
+
+    m = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not (isinstance(m, Int8WeightLayer) and m.int8):
+        return
+    outs = [gm.get_submodule(u.target) for u in node.users if u.op == "call_module"
+            and isinstance(gm.get_submodule(u.target), Int8Act)]
+    act_in = _act_of(node.args[0], gm)
+    if not (len(outs) == 1 and act_in and outs[0].top is not None):
+        return
+    out, s_x = outs[0], act_in.scale
+    y_levels = (0 if out.relu else -(out.zero_point + 128), round(out.top / out.scale))
+    rows = m.qweight.reshape(len(m.scale), -1).numpy()
+    for c in range(len(m.scale)):
+        s_w = float(m.scale[c])
+        found = _threshold_exact_bias(float(m.bias[c]) / (s_x * s_w), rows[c], s_x, s_w, out.scale, y_levels,
+                                      act_in.input_range())
+        if found is not None:
+            b_int, factor = found
+            m.scale[c] = s_w * factor
+            m.bias[c] = b_int * s_x * float(m.scale[c])
 
 
 _COMPUTE = ("convolution", "linear", "addmm", "mm")
@@ -156,7 +210,7 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
 
     model = for_executorch(deploy) if recipe.is_quantized else deploy
     with torch.no_grad():
-        ep = torch.export.export(model.eval(), (torch.zeros(1, *input_shape),))
+        ep = torch.export.export(model.eval(), (torch.zeros(1, *input_shape, dtype=getattr(torch, recipe.dtype)),))
     _one_dequantize_per_user(ep)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph

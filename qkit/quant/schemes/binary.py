@@ -127,4 +127,6 @@ class BinaryScheme(Scheme):
                 u.replace_input_with(node, unit)
 
     def executorch(self, recipe) -> str | None:
-        return None if recipe.act_bits == 8 else "XNNPACK takes 8-bit activations only"
+        from qkit.quant.schemes.integer import pte_activation_note
+
+        return pte_activation_note(recipe.act_bits)

@@ -16,6 +16,3 @@ class FloatScheme(Scheme):
 
     def convert_model(self, model: nn.Module, recipe) -> nn.Module | None:
         return model.half() if recipe.dtype == "float16" else None
-
-    def executorch(self, recipe) -> str | None:
-        return "fp16 is not exported to ExecuTorch yet" if recipe.dtype == "float16" else None

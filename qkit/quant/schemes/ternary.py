@@ -78,4 +78,6 @@ class TernaryScheme(Scheme):
                                 m if isinstance(m, nn.Conv2d) else None, bits=2)
 
     def executorch(self, recipe) -> str | None:
-        return None if recipe.act_bits == 8 else "XNNPACK takes 8-bit activations only"
+        from qkit.quant.schemes.integer import pte_activation_note
+
+        return pte_activation_note(recipe.act_bits)
