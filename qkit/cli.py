@@ -265,6 +265,7 @@ def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci
 
     Each measurement runs in a fresh process with a pinned thread count."""
     from qkit.bench import bench as run_bench
+    from qkit.bench import ship_advice
     from qkit.bundle import BenchRow
     from qkit.fileio import write_csv, write_json
 
@@ -293,6 +294,9 @@ def bench(bundles, runtime, threads, batch, vs, warmup, runs, seconds, target_ci
         write_json(json_file, rows)
     if csv_file:
         write_csv(csv_file, rows, BENCH_CSV)
+    if not quiet:
+        for line in ship_advice(rows):
+            click.echo(line)
     typed = [BenchRow.from_dict(r) for r in rows]
     unwritten = sorted({r.get("not_written") for r in typed if r.get("not_written")})
     if unwritten:

@@ -9,7 +9,7 @@ from qkit.fileio import atomic_path, staged_output, write_csv, write_json, write
 
 COLUMNS = ["recipe", "model", "weight_bits", "act_bits", "adder", "top1_onnx", "top1_torch", "drop", "agreement",
            "int8_nodes", "fp32_nodes", "exact_on", "targets_agreement", "size_kb", "ship_kb", "latency_ms", "p99_ms",
-           "speedup_vs_fp32", "peak_rss_mb", "bundle"]
+           "speedup_vs_fp32", "fastest", "fastest_ms", "peak_rss_mb", "bundle"]
 PRIMARY = "ort-cpu"  # the runtime of the headline latency column and of the speed-up
 
 
@@ -29,6 +29,8 @@ def _row(bundle: Path) -> dict[str, Any]:
     chk = CheckResult.read(m)
     lat = _latencies(m)
     b = lat.get(PRIMARY)
+    shippable = [(rt, r) for rt, r in lat.items() if rt != "torch"]  # eager PyTorch is the reference, not a file
+    best = min(shippable, key=lambda kv: kv[1].get("median_ms"), default=None)
     return {
         "recipe": m.recipe, "model": m.model, "weight_bits": m.weight_bits, "act_bits": m.act_bits,
         "adder": m.adder, "top1_onnx": chk and chk.top1, "top1_torch": m.top1, "drop": chk and chk.drop,
@@ -36,6 +38,7 @@ def _row(bundle: Path) -> dict[str, Any]:
         "exact_on": ",".join(m.exact_on) or None, "targets_agreement": chk and chk.targets_agreement,
         "size_kb": round(m.files[ONNX].bytes / 1024, 1), "ship_kb": round(m.files[m.shipping or ONNX].bytes / 1024, 1),
         "latency_ms": b and b.get("median_ms"), "p99_ms": b and b.get("p99_ms"), "speedup_vs_fp32": None,
+        "fastest": best and f"{best[1].get('file')} on {best[0]}", "fastest_ms": best and best[1].get("median_ms"),
         "peak_rss_mb": b and b.get("peak_rss_mb"), "bundle": str(bundle), "machine": b and b.machine,
         **{f"ms_{rt}": r.get("median_ms") for rt, r in lat.items()}}
 
@@ -71,7 +74,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     others = [f"ms_{rt}" for rt in runtimes_of(rows) if rt != PRIMARY]
     cols = ["recipe", "top1_onnx", "drop", "agreement", "int8_nodes", "fp32_nodes", "exact_on", "targets_agreement",
             "size_kb", "ship_kb", "latency_ms",
-            "p99_ms", "speedup_vs_fp32", *others, "pareto"]
+            "p99_ms", "speedup_vs_fp32", "fastest", "fastest_ms", *others, "pareto"]
     front = {r["bundle"] for r in pareto(rows)}
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -205,7 +208,8 @@ def _write_report(bundles: list[str | Path], rows: list[dict[str, Any]], out: Pa
                "(the export's proof); targets_agreement: the lowest agreement with PyTorch over the target CPUs "
                "`qkit check` ran; size_kb: model.onnx (the runtime file); ship_kb: the smallest "
                "file to download (model.packed.onnx for ≤4-bit weights); latency: ort-cpu batch 1, median; "
-               "ms_RUNTIME: the same on other runtimes.\n\n"
+               "ms_RUNTIME: the same on other runtimes; fastest: the bundle's file and runtime with the lowest of "
+               "those (the file to ship for that runtime).\n\n"
                f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
                f"{versions}.\n\n![accuracy vs latency](accuracy_vs_latency.png)\n\n"
                "![size per recipe](size_per_recipe.png)\n\n![latency per runtime](latency_per_runtime.png)\n")

@@ -54,6 +54,8 @@ def test_every_runner_reports_ok_or_skipped(mobile, runs, tmp_path):
     rows = {row["runtime"]: row for row in csv.DictReader(out.open())}
     assert rows["ort-cpu"]["status"] == "ok" and json.loads(rows["ort-cpu"]["executed"])["int8"] == 4
     assert rows["ort-mobile"]["status"] == "ok" and rows["torch"]["status"] == "ok"
+    advice = next(line for line in r.stdout.splitlines() if line.startswith(f"{mobile['int8']}: ship "))
+    assert "model.ort for ort-mobile" in advice and "model.onnx for ort-cpu" in advice and "fastest here:" in advice
     assert all(rows[g]["status"] == "skipped" and ("no GPU" in rows[g]["reason"] or "not installed" in rows[g]["reason"])
                for g in ("ort-cuda", "ort-trt"))
     if rows["openvino"]["status"] == "ok":  # int8 QDQ runs on OpenVINO's u8/i8 kernels, not in float
@@ -85,6 +87,9 @@ def test_compare_has_a_column_and_plots_per_runtime(mobile, tmp_path):
     report = qkit.compare(bundles, tmp_path / "report")
     header = (tmp_path / "report" / "results.csv").read_text().splitlines()[0]
     assert "ms_ort-cpu" in header and all(r["ms_ort-cpu"] > 0 for r in report["rows"])
+    for r in report["rows"]:  # the file and runtime to ship: the fastest one measured
+        fastest = min((r[k], k[3:]) for k in r if k.startswith("ms_") and r[k])
+        assert r["fastest_ms"] == fastest[0] and r["fastest"].endswith(f" on {fastest[1]}")
     if find_spec("openvino"):
         assert "ms_openvino" in header and "ms_openvino" in report["markdown"]
     for f in ("accuracy_vs_latency.png", "size_per_recipe.png", "latency_per_runtime.png"):

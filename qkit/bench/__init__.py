@@ -122,3 +122,21 @@ def _write_rows(m: Manifest, rows: list[dict[str, Any]]) -> None:
     except OSError as exc:  # a read-only bundle: the rows are still returned
         for row in rows:
             row["not_written"] = f"{Path(m.dir) / 'bench.json'}: {exc.strerror or exc}"
+
+
+def ship_advice(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per bundle: which of its files to ship for which runtime, fastest first (each runtime's
+    batch-1 row with the fewest threads; paired --vs rows are not absolute times, and eager PyTorch is the
+    reference rather than a file to ship, so both are left out)."""
+    best: dict[str, dict[str, BenchRow]] = {}
+    for r in map(BenchRow.from_dict, rows):
+        if r.ok and r.batch == 1 and r.vs is None and r.get("median_ms") is not None and r.runtime != "torch":
+            per = best.setdefault(r.bundle, {})
+            if r.runtime not in per or r.threads < per[r.runtime].threads:
+                per[r.runtime] = r
+    lines = []
+    for bundle, per in best.items():
+        ranked = sorted(per.values(), key=lambda r: r.get("median_ms"))
+        lines.append(f"{bundle}: ship " + "; ".join(f"{r.get('file')} for {r.runtime} ({r.get('median_ms'):.3g} ms)"
+                                                    for r in ranked) + f" — fastest here: {ranked[0].runtime}")
+    return lines
