@@ -9,11 +9,11 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from qkit.quant import moves
 from qkit.quant.deploy import QuantAct, QuantWeightLayer
+from qkit.quant.layers import QuantizedConv2d, QuantizedLinear, rebuild
 from qkit.quant.quantizers import binary_weight, ste_sign
 from qkit.quant.schemes import Scheme, register_scheme
 
@@ -22,24 +22,16 @@ from qkit.quant.schemes import Scheme, register_scheme
 EPS = 2.0**-20
 
 
-class BinaryConv2d(nn.Conv2d):
+class BinaryConv2d(QuantizedConv2d):
     """Conv2d whose weights are α_c·sign(w) in the forward pass; latent fp32 weights are trained."""
 
-    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return binary_weight(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quant_weight()[0], self.bias)
+    weight_fn = staticmethod(binary_weight)
 
 
-class BinaryLinear(nn.Linear):
+class BinaryLinear(QuantizedLinear):
     """Linear layer with α_c·sign(w) weights (per output feature)."""
 
-    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return binary_weight(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quant_weight()[0], self.bias)
+    weight_fn = staticmethod(binary_weight)
 
 
 class SignAct(nn.Module):
@@ -72,15 +64,7 @@ class BinaryScheme(Scheme):
         return None if recipe.weight_bits == 1 and recipe.act_bits <= 8 else "binary weights are 1 bit"
 
     def layer(self, m: nn.Module, bits: int, recipe) -> nn.Module | None:
-        if bits != 1 or not isinstance(m, (nn.Conv2d, nn.Linear)):
-            return None
-        if isinstance(m, nn.Conv2d):
-            new = BinaryConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                               dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
-        else:
-            new = BinaryLinear(m.in_features, m.out_features, bias=m.bias is not None)
-        new.load_state_dict(m.state_dict(), strict=False)
-        return new
+        return rebuild(m, BinaryConv2d, BinaryLinear) if bits == 1 else None
 
     def act(self, bits: int, unsigned: bool) -> nn.Module | None:
         return SignAct() if bits == 1 else None

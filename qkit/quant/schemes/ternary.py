@@ -5,10 +5,10 @@ scale, stored packed as INT2 in ``model.packed.onnx``; everything downstream is 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qkit.quant.deploy import QuantWeightLayer
+from qkit.quant.layers import QuantizedConv2d, QuantizedLinear, rebuild
 from qkit.quant.schemes import Scheme, register_scheme
 
 
@@ -35,20 +35,12 @@ def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _TernarySTE.apply(w)
 
 
-class TernaryConv2d(nn.Conv2d):
-    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return ternary_weight(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quant_weight()[0], self.bias)
+class TernaryConv2d(QuantizedConv2d):
+    weight_fn = staticmethod(ternary_weight)
 
 
-class TernaryLinear(nn.Linear):
-    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return ternary_weight(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quant_weight()[0], self.bias)
+class TernaryLinear(QuantizedLinear):
+    weight_fn = staticmethod(ternary_weight)
 
 
 @register_scheme("ternary")
@@ -57,15 +49,7 @@ class TernaryScheme(Scheme):
         return None if recipe.weight_bits == 2 and 2 <= recipe.act_bits <= 8 else "ternary weights take weight_bits 2"
 
     def layer(self, m: nn.Module, bits: int, recipe) -> nn.Module | None:
-        if isinstance(m, nn.Conv2d):
-            new = TernaryConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                                dilation=m.dilation, groups=m.groups, bias=m.bias is not None)
-        elif isinstance(m, nn.Linear):
-            new = TernaryLinear(m.in_features, m.out_features, bias=m.bias is not None)
-        else:
-            return None
-        new.load_state_dict(m.state_dict())
-        return new
+        return rebuild(m, TernaryConv2d, TernaryLinear)
 
     def layer_types(self) -> tuple[type, ...]:
         return TernaryConv2d, TernaryLinear
