@@ -63,8 +63,9 @@ def main() -> None:
             basic = {r: _session(_basic_ort(b[r] / "model.onnx", Path(tmp) / f"{model}-{r}-basic.ort")) for r in b}
             x = np.random.default_rng(0).standard_normal([1, *ort_["fp32"].get_inputs()[0].shape[1:]]).astype(
                 np.float32)
-            cells = [_ratio(ort_["int8"], ort_["fp32"], x, args.seconds), _ratio(ort_["fp32"], ext["fp32"], x, args.seconds),
-                     _ratio(ort_["int8"], ext["int8"], x, args.seconds), _ratio(basic["int8"], basic["fp32"], x, args.seconds)]
+            pairs = [(ort_["int8"], ort_["fp32"]), (ort_["fp32"], ext["fp32"]), (ort_["int8"], ext["int8"]),
+                     (basic["int8"], basic["fp32"])]
+            cells = [_ratio(a, b, x, args.seconds) for a, b in pairs]
             print(f"| {model} | " + " | ".join(cells) + " |", flush=True)
     m = machine()
     print(f"\nMachine: {m['cpu']}, {m['cores']} cores, onnxruntime {m.get('onnxruntime')}; 1 thread, batch 1.")

@@ -38,7 +38,8 @@ def _baseline_top1(baseline: str, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    return {"agreement": _top1(logits, ref.argmax(1)), "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6)}
+    return {"agreement": _top1(logits, ref.argmax(1)),
+            "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6)}
 
 
 def _check_pte(manifest: Manifest, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> dict[str, Any]:

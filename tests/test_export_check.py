@@ -25,9 +25,7 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
     result = qkit.check(bundle)
     floor = 50.0 if name == "w1a1" else 85.0  # digits after a few epochs; chance is 10 %
     assert result["top1"] > floor > CHANCE
-    # Known limit (issue #3): a layer with 8-bit weights feeding a binary activation (w1a1's first conv) has
-    # its int32 bias rounded to s_x·s_w in ORT, which moves a few sign thresholds; here 2 of 360 images.
-    assert result["parity"]["agreement"] >= (99.0 if name == "w1a1" else 99.5)
+    assert result["parity"]["agreement"] >= 99.5
     assert abs(result["top1"] - manifest["top1"]) <= 0.6
     assert json.loads((bundle / "check.json").read_text())["top1"] == result["top1"]
     # Exact on every target CPU: proven for each kernel family, and the same answers where it runs.

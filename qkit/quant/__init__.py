@@ -42,7 +42,8 @@ def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
 
 def _calls(node: fx.Node, gm: fx.GraphModule, kinds, funcs=(), methods=()) -> bool:
     return ((node.op == "call_module" and isinstance(gm.get_submodule(node.target), kinds))
-            or (node.op == "call_function" and node.target in funcs) or (node.op == "call_method" and node.target in methods))
+            or (node.op == "call_function" and node.target in funcs)
+            or (node.op == "call_method" and node.target in methods))
 
 
 class _Prepare:
@@ -72,11 +73,18 @@ class _Prepare:
             self.cache[src] = q
         return self.cache[src]
 
-    def layer(self, node: fx.Node, edge: bool) -> None:
+    def layer(self, node: fx.Node, edge: bool, feeds_sign: bool = False) -> None:
         """Edges (first/last layer) at ``first_last_bits`` by the integer scheme, the rest by the recipe's;
-        a layer the recipe's scheme does not take falls back to the integer scheme (or stays float)."""
+        a layer the recipe's scheme does not take falls back to the integer scheme (or stays float).
+
+        An 8-bit layer whose output feeds a sign activation trains on the ±31 grid: exported spread ×2, its
+        integer weights are even, so an accumulator never lands on the integer bias and the sign is exact in
+        integer kernels (``_sign_exact_bias``); on ±63 a 1-in-10⁴ tie flipped signs that MobileNetV2's binary
+        depthwise layers (fan-in 9) amplified to half the answers."""
         m, r = self.gm.get_submodule(node.target), self.recipe
         bits = max(r.weight_bits, r.first_last_bits) if edge and r.weight_bits <= 8 else r.weight_bits
+        if feeds_sign:
+            bits = min(bits, 6)
         schemes = (SCHEMES["int"],) if edge else (self.scheme, SCHEMES["int"])
         new = next((n for s in schemes if (n := s.layer(m, bits, r)) is not None), m)
         set_module(self.gm, node.target, new)
@@ -111,8 +119,9 @@ class _Prepare:
                 q = self.quantized_input(node, 8)
                 for u in users:
                     u.replace_input_with(node, q)
-            elif node in compute:
-                self.layer(node, node in (compute[0], compute[-1]))
+            elif node in compute:  # the first layer feeds the first activation: a sign at 1 bit
+                first = node is compute[0]
+                self.layer(node, first or node is compute[-1], first and self.recipe.act_bits == 1)
             elif self.quant_acts and _calls(node, gm, (nn.ReLU, nn.ReLU6), _RELU_FUNCS, _RELU_METHODS):
                 self.relu(node)
             elif self.quant_acts and _calls(node, gm, (), _ADD_FUNCS, _ADD_METHODS):

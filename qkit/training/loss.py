@@ -9,7 +9,9 @@ from qkit.quant.recipe import TrainConfig
 
 
 class Objective:
-    """loss = (1 − α)·CE(logits, y) + α·T²·KL(softmax(teacher/T) ‖ softmax(logits/T)); α = 0 without a teacher."""
+    """loss = (1 − α)·CE(logits, y) + α·T²·KL(softmax(teacher/T) ‖ softmax(logits/T)).
+
+    Without a teacher, α = 0."""
 
     def __init__(self, cfg: TrainConfig, teacher: nn.Module | None = None) -> None:
         self.cfg, self.teacher = cfg, teacher
