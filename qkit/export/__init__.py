@@ -155,6 +155,7 @@ def export(source: str | Path | nn.Module, out: str | Path | None = None, opset:
             raise QkitError("exporting a model object needs out= and example_input= (a batch of inputs)")
         facts = {"model": type(source).__name__, "input_shape": list(example_input.shape[1:]), "data": data,
                  "seed": None}
+        check_output(Path(out), "bundle", is_bundle, overwrite)  # refuse before the work, not after
         return _export(source, recipe_of(source), facts, Path(out), opset, mobile, overwrite, None)
     dest = Path(out) if out else Path("export") / Path(source).resolve().name
     check_output(dest, "bundle", is_bundle, overwrite)  # refuse before the work, not after
@@ -165,7 +166,6 @@ def export(source: str | Path | nn.Module, out: str | Path | None = None, opset:
 def _export(net: nn.Module, recipe: Recipe, meta: dict[str, Any], dest: Path, opset: int | None, mobile: bool,
             overwrite: bool, source_run: str | None) -> Path:
     """Reference logits on the test split of ``meta["data"]`` (if any), then the bundle."""
-    check_output(dest, "bundle", is_bundle, overwrite)
     input_shape = tuple(meta["input_shape"])
     facts: dict[str, Any] = {"top1": None}
     reference = None

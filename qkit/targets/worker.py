@@ -17,32 +17,33 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(path: str, profile_dir: str | None = None):
+def session(path: str, profile_dir: str):
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if not path.endswith(".ort"):  # an .ort file keeps the optimisations it was saved with
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if profile_dir:
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(profile_dir, "profile")
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(profile_dir, "profile")
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     return sess, inp.name, np.float16 if "float16" in inp.type else np.float32
 
 
-def logits(path: str, x: np.ndarray) -> np.ndarray:
-    sess, name, dtype = session(path)
-    return np.concatenate([sess.run(None, {name: x[i:i + 256].astype(dtype)})[0].astype(np.float32)
-                           for i in range(0, len(x), 256)])
-
-
-def executed(path: str, x: np.ndarray) -> dict:
-    """{op type: number of nodes} that one inference ran, from ORT's profiler (what ran, not what was saved)."""
+def run(path: str, x: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Logits of ``x``, and {op type: nodes} that its first inference ran, from ORT's profiler (what ran, not
+    what was saved); profiling stops after that inference, so the rest runs unobserved, in one session."""
     with tempfile.TemporaryDirectory() as tmp:
         sess, name, dtype = session(path, tmp)
         sess.run(None, {name: x[:1].astype(dtype)})
         sess.end_profiling()
         events = json.load(open(glob.glob(os.path.join(tmp, "profile*.json"))[0]))
+        logits = np.concatenate([sess.run(None, {name: x[i:i + 256].astype(dtype)})[0].astype(np.float32)
+                                 for i in range(0, len(x), 256)])
+    return logits, executed(events)
+
+
+def executed(events: list) -> dict:
+    """{op type: number of nodes} in a profile's node events."""
     nodes = {e["name"]: e["args"]["op_name"] for e in events
              if e.get("cat") == "Node" and "op_name" in e.get("args", {}) and e["name"].endswith("_kernel_time")}
     counts: dict = {}
@@ -57,8 +58,8 @@ def main() -> None:
     out = {}
     for i, path in enumerate(jobs["models"]):
         try:
-            out[f"m{i}"] = logits(path, x)
-            out[f"k{i}"] = np.array(json.dumps(executed(path, x)))
+            out[f"m{i}"], ran = run(path, x)
+            out[f"k{i}"] = np.array(json.dumps(ran))
         except Exception as exc:  # reported per file by the caller
             out[f"e{i}"] = np.array(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
     np.savez(jobs["out"], **out)
