@@ -35,6 +35,7 @@ class InputSpec:
     mean: list[float]
     std: list[float]
     preprocess: str = "x = (pixel / scale - mean[c]) / std[c]"
+    resize: str = ""                # done to each image before that (imagefolder --image-size), if anything
 
 
 @dataclass(kw_only=True)
@@ -179,8 +180,11 @@ def _parse(d: dict[str, Any]) -> Manifest:
     shipping = d.get("roles", {}).get("shipping")
     if shipping and shipping["file"] not in files:
         raise KeyError(f"roles.shipping.file {str(shipping['file'])[:80]!r} is not one of its files")
-    scheme = d.get("scheme") or ("adder" if d["adder"] else "float" if d["weight_bits"] >= 16 else
-                                 "binary" if d["weight_bits"] == 1 else "int")  # bundles from before schemes
+    scheme = d.get("scheme")
+    if not scheme:  # a bundle from before schemes (the import costs Brevitas, so only then)
+        from qkit.quant.schemes import default_scheme
+
+        scheme = "adder" if d["adder"] else default_scheme(d["weight_bits"])
     known = {f.name for f in dataclasses.fields(Manifest)} - {"input", "output", "files", "scheme", "dir"}
     rest = {k: v for k, v in d.items() if k in known}
     return Manifest(input=inp, output=out, files=files, scheme=scheme, **rest)

@@ -64,7 +64,11 @@ class Int8Act(nn.Module):
         super().__init__()
         self.scale, self.zero_point, self.relu = act.scale, act.zero_point - 128, act.relu
         self.levels = act.levels
-        self.top = None if act.levels == 256 else (act.levels - 1 - act.zero_point) * act.scale
+
+    @property
+    def top(self) -> float | None:
+        """The real value of the top level of a narrower-than-8-bit grid (None at 8 bits: no clamp)."""
+        return None if self.levels == 256 else (self.levels - 1 - self.zero_point - 128) * self.scale
 
     def input_range(self) -> tuple[int, int, int]:
         """(lowest, highest, step) of the integers q − zp its consumers see."""
