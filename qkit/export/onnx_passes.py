@@ -5,6 +5,8 @@ if any, is int32 at scale s_x·s_w; the TorchScript exporter leaves float weight
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -92,18 +94,21 @@ def requantize_after_moves(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give a Conv/Gemm whose input reaches it through MaxPool/Flatten/Reshape its own Q→DQ with the
     upstream DQ's parameters (exact: the values are still on that grid), so ORT sees DQ→Gemm and fuses."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    nodes = []
+    nodes, seen = [], collections.Counter()
     for node in model.graph.node:
         src = producer.get(node.input[0]) if node.op_type in ("Conv", "Gemm", "MatMul") else None
         if src is not None and src.op_type in ONNX_OPS:
             dq = onnx_source(node.input[0], producer)
             if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) == 3:
+                # one pair per consumer (a MaxPool feeding a bottleneck's conv and its downsample has two)
                 name = node.input[0]
-                nodes.append(helper.make_node("QuantizeLinear", [name, dq.input[1], dq.input[2]], [name + "_rq"],
-                                              name=name + "_requantize"))
-                nodes.append(helper.make_node("DequantizeLinear", [name + "_rq", dq.input[1], dq.input[2]],
-                                              [name + "_rdq"], name=name + "_dequantize"))
-                node.input[0] = name + "_rdq"
+                tag = name + (str(seen[name]) if seen[name] else "")
+                seen[name] += 1
+                nodes.append(helper.make_node("QuantizeLinear", [name, dq.input[1], dq.input[2]], [tag + "_rq"],
+                                              name=tag + "_requantize"))
+                nodes.append(helper.make_node("DequantizeLinear", [tag + "_rq", dq.input[1], dq.input[2]],
+                                              [tag + "_rdq"], name=tag + "_dequantize"))
+                node.input[0] = tag + "_rdq"
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)

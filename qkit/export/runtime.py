@@ -57,9 +57,46 @@ def execution_report(onnx_path: str | os.PathLike) -> dict[str, Any]:
             fp16 = any(types.get(i) == onnx.TensorProto.FLOAT16 for i in node.input[:2])
             counts["fp16" if fp16 else "fp32"] += 1
     op_types = Counter(n.op_type for n in graph.node)
-    return {"int8": counts["int8"], "fp16": counts["fp16"], "fp32": counts["fp32"],
-            "nodes": len(graph.node), "op_types": dict(sorted(op_types.items())),
-            "optimization": "ORT_ENABLE_ALL, CPUExecutionProvider"}
+    report = {"int8": counts["int8"], "fp16": counts["fp16"], "fp32": counts["fp32"],
+              "nodes": len(graph.node), "op_types": dict(sorted(op_types.items())),
+              "optimization": "ORT_ENABLE_ALL, CPUExecutionProvider"}
+    if counts["int8"] and counts["fp32"]:  # an integer model with exceptions: name each and say why
+        report["float_layers"] = float_layers(onnx.load(str(onnx_path)))
+    return report
+
+
+def float_layers(model: onnx.ModelProto, limit: int = 20) -> dict[str, str]:
+    """The conv/matmul nodes of a QDQ model that ORT cannot fuse into an integer kernel, with the reason:
+    it fuses DequantizeLinear → op (→ Relu/Clip) → QuantizeLinear, its input and weights dequantized (a
+    Gemm/MatMul may end in float: the classifier)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def quantized(name: str) -> bool:
+        nxt = users.get(name, [])
+        if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip"):
+            nxt = users.get(nxt[0].output[0], [])
+        return len(nxt) == 1 and nxt[0].op_type == "QuantizeLinear"
+
+    found = {}
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        src = [producer[i].op_type if i in producer else "the graph input" for i in n.input[:2]]
+        why = [f"its input comes from {src[0]}, not a quantizer"] if src[0] != "DequantizeLinear" else []
+        if src[1] != "DequantizeLinear":
+            why.append("its weights are float (the layer was not replaced by a quantized one)")
+        if n.op_type == "Conv" and not quantized(n.output[0]):
+            out = sorted({u.op_type for u in users.get(n.output[0], [])})
+            why.append(f"its output feeds {', '.join(out) or 'the graph output'}, not a quantizer")
+        if why:
+            found[n.name] = "; ".join(why)
+        if len(found) >= limit:
+            break
+    return found
 
 
 def run_onnx(path: str | os.PathLike, x: np.ndarray, batch_size: int = 250, threads: int | None = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from typing import Callable
 
 from torch import nn
@@ -54,7 +55,7 @@ def _user_model(spec: str, num_classes: int) -> nn.Module:
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")  # the current directory, as `python -m` would
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(_import(module_name), attr)
     except Exception as exc:  # an import of user code may raise anything
         raise QkitError(f"model {spec}: cannot import ({type(exc).__name__}: {exc})") from None
     if not callable(factory):
@@ -66,6 +67,22 @@ def _user_model(spec: str, num_classes: int) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise QkitError(f"model {spec}: factory returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import(module_name: str) -> types.ModuleType:
+    """Import a user's model module. torchvision's PyPI wheel is a CUDA build: beside the CPU torch qkit pins,
+    its compiled detection ops (nms, roi_align) cannot load, and ``import torchvision`` (so timm too) then
+    fails registering meta kernels for them. Classification models never call those ops, so the import is
+    retried once without that registration."""
+    try:
+        return importlib.import_module(module_name)
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc):
+            raise
+    for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+        del sys.modules[name]  # the half-imported packages
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+    return importlib.import_module(module_name)
 
 
 def init_weights(model: nn.Module) -> nn.Module:

@@ -3,8 +3,8 @@
 
 The model is traced with ``torch.fx``; the recipe's scheme (:mod:`qkit.quant.schemes`) replaces its
 Conv2d/Linear layers (the first and last at ``first_last_bits`` by the integer scheme) and its ReLUs, an
-8-bit quantizer goes on the model input, and a quantizer in front of every conv/linear/add/cat input that is
-not already quantized, so that exported graphs keep every compute op on integer data. BatchNorm stays a
+8-bit quantizer goes on the model input, and a quantizer in front of every conv/linear/add/cat/mul and float
+activation input that is not already quantized, so that exported graphs keep every compute op on integer data. BatchNorm stays a
 separate layer during training and is folded into the conv at conversion (exact for per-channel scales).
 """
 from __future__ import annotations
@@ -30,8 +30,17 @@ __all__ = ["quantize", "convert", "recipe_of", "Recipe", "load_recipe", "resolve
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add, torch.cat}
-_ADD_METHODS = {"add", "add_"}
+# Ops whose tensor inputs get quantized, so the conv/linear producing them ends on a quantizer (ORT fuses
+# DQ → Conv → Q only) and the op itself can run on integers where the runtime has a kernel (QLinearAdd/Mul/
+# Concat): residual adds, concatenation, squeeze-excitation gates, and the float activations of modern mobile
+# nets (Hardswish, SiLU, Sigmoid...), which then run between a DequantizeLinear and the next QuantizeLinear.
+_JOIN_FUNCS = {operator.add, operator.iadd, torch.add, torch.cat, operator.mul, operator.imul, torch.mul}
+_JOIN_METHODS = {"add", "add_", "mul", "mul_"}
+_FLOAT_ACTS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.LeakyReLU,
+               nn.ELU, nn.Softplus)
+_FLOAT_ACT_FUNCS = {F.hardswish, F.hardsigmoid, F.silu, torch.sigmoid, F.sigmoid, F.gelu, torch.tanh, F.tanh,
+                    F.mish, F.leaky_relu, F.elu, F.softplus}
+_FLOAT_ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 
 def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -91,16 +100,22 @@ class _Prepare:
         src = node.args[0]
         node.replace_input_with(src, self.quantized_input(src, r.act_bits))
 
-    def relu(self, node: fx.Node) -> None:
+    def relu(self, node: fx.Node, first_call: bool) -> None:
+        """The ReLU becomes an unsigned quantizer; a ReLU module called at several places (torchvision's
+        residual blocks call one ``self.relu`` twice) gets one quantizer per call, each with its own range."""
         act = act_quantizer(self.recipe.act_bits, unsigned=True)
-        if node.op == "call_module":
+        if node.op == "call_module" and first_call:
             set_module(self.gm, node.target, act)
         else:
             node.op, node.target = "call_module", self.add_module(act, "relu")
             node.args, node.kwargs = node.args[:1], {}
         self.quantized.add(node)
 
-    def add(self, node: fx.Node) -> None:
+    def quantize_inputs(self, node: fx.Node) -> None:
+        if node.op == "call_module" and getattr(self.gm.get_submodule(node.target), "inplace", False):
+            self.gm.get_submodule(node.target).inplace = False  # it would overwrite its quantizer's output
+        elif node.kwargs.get("inplace"):
+            node.update_kwarg("inplace", False)
         srcs = node.args[0] if node.target is torch.cat else node.args[:2]
         for src in list(srcs):
             if isinstance(src, fx.Node):
@@ -111,6 +126,8 @@ class _Prepare:
         compute = [n for n in gm.graph.nodes if _calls(n, gm, (nn.Conv2d, nn.Linear))]
         if not compute:
             raise QkitError("the model has no Conv2d or Linear layer to quantize")
+        relus = [n for n in gm.graph.nodes if _calls(n, gm, (nn.ReLU, nn.ReLU6), _RELU_FUNCS, _RELU_METHODS)]
+        called: set[str] = set()
         for node in list(gm.graph.nodes):
             if node in self.cache.values():
                 continue
@@ -122,12 +139,58 @@ class _Prepare:
             elif node in compute:  # the first layer feeds the first activation: a sign at 1 bit
                 first = node is compute[0]
                 self.layer(node, first or node is compute[-1], first and self.recipe.act_bits == 1)
-            elif self.quant_acts and _calls(node, gm, (nn.ReLU, nn.ReLU6), _RELU_FUNCS, _RELU_METHODS):
-                self.relu(node)
-            elif self.quant_acts and _calls(node, gm, (), _ADD_FUNCS, _ADD_METHODS):
-                self.add(node)
+            elif self.quant_acts and node in relus:
+                self.relu(node, node.target not in called)
+                called.add(node.target)
+            elif self.quant_acts and (_calls(node, gm, (), _JOIN_FUNCS, _JOIN_METHODS)
+                                      or _calls(node, gm, _FLOAT_ACTS, _FLOAT_ACT_FUNCS, _FLOAT_ACT_METHODS)):
+                self.quantize_inputs(node)
             elif is_move(node, gm) and node.args and node.args[0] in self.quantized:
                 self.quantized.add(node)
+
+
+class _Tracer(fx.Tracer):
+    """fx keeps only ``torch.nn``'s own classes as modules; a library's subclass of Linear (timm's, which
+    overrides forward only for TorchScript) or of an unchanged Conv2d/BatchNorm is kept as a module too, so
+    the scheme can replace it. A Conv2d subclass with its own forward (padding "same" computed at run time)
+    is traced through, and its conv stays float."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        kept = isinstance(m, nn.Linear) or any(isinstance(m, base) and type(m).forward is base.forward
+                                               for base in (nn.Conv2d, nn.BatchNorm2d))
+        return kept or super().is_leaf_module(m, qualname)
+
+
+def _split_norm_act(model: nn.Module) -> None:
+    """A BatchNorm subclass that also applies an activation (timm's ``BatchNormAct2d``: BN → drop → act)
+    becomes ``nn.Sequential(BatchNorm2d, drop, act)``, so the BN stays a module (train/eval at run time,
+    folded into its conv at conversion) and the activation is seen and quantized."""
+    for name, m in list(model.named_modules()):
+        if (isinstance(m, nn.BatchNorm2d) and type(m) is not nn.BatchNorm2d and isinstance(getattr(m, "act", None),
+                                                                                          nn.Module)):
+            bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+            bn.load_state_dict({k: v for k, v in m.state_dict().items() if "." not in k})
+            parts = [bn] + [c for c in (getattr(m, "drop", None), m.act) if isinstance(c, nn.Module)]
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Sequential(*parts))
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """The model as an fx graph, traced in eval mode and returned in the mode it was in.
+
+    fx records what a forward reads from ``self.training`` as a constant. Traced in training mode, timm's
+    fused norm stays in batch statistics after ``eval()`` and torchvision's stochastic depth keeps dropping
+    blocks in the exported model; traced in eval mode, the functional regularisers (stochastic depth,
+    ``F.dropout``) are off during QAT, while BatchNorm and Dropout modules still follow ``train()``/``eval()``."""
+    _split_norm_act(model)
+    was_training = model.training
+    try:
+        gm = fx.GraphModule(model, _Tracer().trace(model.eval()))
+    except Exception as exc:  # fx raises many types on data-dependent control flow
+        raise QkitError(f"cannot trace the model for quantization ({type(exc).__name__}: {exc})") from None
+    finally:
+        model.train(was_training)
+    return gm.train(was_training)
 
 
 def quantize(model: nn.Module, recipe: Recipe | str) -> nn.Module:
@@ -137,12 +200,10 @@ def quantize(model: nn.Module, recipe: Recipe | str) -> nn.Module:
     if recipe.is_float:
         model.qkit_recipe = recipe
         return model
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types on data-dependent control flow
-        raise QkitError(f"cannot trace the model for quantization ({type(exc).__name__}: {exc})") from None
+    gm = _trace(model)
     _Prepare(gm, recipe).run()
     gm.graph.lint()
     gm.recompile()
     gm.qkit_recipe = recipe
+    gm.meta["qkit_recipe"] = recipe  # a GraphModule's deepcopy keeps its meta, not other attributes
     return gm

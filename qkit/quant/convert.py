@@ -18,7 +18,7 @@ from qkit.quant.schemes import get_scheme, owner
 
 def recipe_of(model: nn.Module) -> Recipe:
     """The recipe :func:`qkit.quantize` prepared ``model`` with."""
-    recipe = getattr(model, "qkit_recipe", None)
+    recipe = getattr(model, "qkit_recipe", None) or getattr(model, "meta", {}).get("qkit_recipe")
     if not isinstance(recipe, Recipe):
         raise QkitError("the model was not prepared by qkit.quantize(model, recipe); pass recipe= explicitly")
     return recipe

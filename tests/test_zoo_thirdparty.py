@@ -1,0 +1,67 @@
+"""The architectures users bring, from torchvision and timm as they publish them: int8 → convert → ONNX
+Runtime with every conv and matmul on an integer kernel.
+
+What each needs is covered here: residual blocks whose output feeds the next block and the skip path
+(resnet18/50, regnet), Hardswish/Hardsigmoid and squeeze-excitation (mobilenet_v3), SiLU, Sigmoid gates
+and stochastic depth (efficientnet), timm's fused BatchNormAct2d and its own Linear, depthwise convs,
+adaptive average pooling, dropout and flatten before the head. Accuracy and parity need trained weights
+(a network of random weights is chaotic: its fp32 and int8 outputs already disagree on half the images), so
+they are asserted on a trained mobilenet_v3_small below and measured for every architecture by
+benchmarks/real_models.py."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qkit
+from qkit.bundle import Manifest
+from qkit.export import to_onnx
+from qkit.export.runtime import execution_report
+from qkit.models import create_model
+from qkit.training.calibrate import calibrate
+
+SHAPE = (3, 32, 32)
+ZOO = ["torchvision.models:resnet18", "torchvision.models:resnet50", "torchvision.models:mobilenet_v2",
+       "torchvision.models:mobilenet_v3_small", "torchvision.models:mobilenet_v3_large",
+       "torchvision.models:efficientnet_b0", "torchvision.models:regnet_x_400mf",
+       "timm.models.resnet:resnet18", "timm.models.mobilenetv3:mobilenetv3_small_100",
+       "timm.models.efficientnet:efficientnet_b0", "timm.models.regnet:regnetx_004"]
+
+
+@pytest.mark.parametrize("model", ZOO, ids=lambda m: m.replace(".models", "").replace(":", "-"))
+def test_int8_runs_every_conv_and_matmul_on_integer_kernels(model, tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, *SHAPE, generator=gen)
+    net = create_model(model, 10, SHAPE)
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
+    net = qkit.quantize(net, "int8")
+    calibrate(net, x)
+    deploy = qkit.convert(copy.deepcopy(net))
+    proto = to_onnx(deploy, qkit.quant.recipe_of(net), SHAPE, 17)[0]
+    (tmp_path / "m.onnx").write_bytes(proto.SerializeToString())
+    report = execution_report(tmp_path / "m.onnx")
+    assert (report["int8"], report["fp32"]) == (layers, 0), report["op_types"]
+
+
+
+class _SameConv(nn.Conv2d):
+    """A library conv with its own forward (padding computed at run time, like timm's Conv2dSame)."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 1, 1, 1)), self.weight, self.bias)
+
+
+def test_a_layer_left_float_is_named_with_the_reason(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _SameConv(8, 8, 3), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    net = qkit.quantize(net, "int8")
+    calibrate(net, torch.randn(32, 3, 8, 8))
+    bundle = qkit.export(net, tmp_path / "b", example_input=torch.zeros(1, 3, 8, 8))
+    e = Manifest.read(bundle).execution
+    assert (e["int8"], e["fp32"]) == (3, 1)
+    assert list(e["float_layers"].values()) == ["its input comes from Pad, not a quantizer; its weights are float (the "
+                                                "layer was not replaced by a quantized one)"]
