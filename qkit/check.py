@@ -183,7 +183,7 @@ def _test_inputs(manifest: Manifest, data: str) -> tuple[np.ndarray, np.ndarray]
     """The test split of ``data`` preprocessed with the manifest's numbers, as the app will (not the
     dataset's own statistics), after checking it fits the model."""
     shape = manifest.input_shape
-    ds = load_dataset(data, default_shape=shape)
+    ds = load_dataset(data, default_shape=shape, image_size=shape[-1] if manifest.input.resize else None)
     if tuple(ds.input_shape) != shape:
         raise QkitError(f"--data {data}: images are {list(ds.input_shape)}, the model takes {list(shape)}")
     if ds.num_classes > len(manifest.labels):

@@ -35,6 +35,18 @@ def _csv_ints(value: str, name: str) -> tuple[int, ...]:
         raise QkitError(f"{name} takes comma-separated integers, got {value!r}") from None
 
 
+def _csv_floats(value: str | None, name: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        numbers = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or not all(math.isfinite(v) for v in numbers):
+        raise QkitError(f"{name} takes comma-separated finite numbers, got {value!r}")
+    return numbers
+
+
 class _Finite(click.ParamType):
     """A finite float (click's FLOAT takes nan and inf), optionally above (or at least) a bound."""
 
@@ -86,12 +98,31 @@ def cli() -> None:
 @click.option("--bits", type=int, default=None, help="Weight bits 32/16/8/4/2/1 (2 alone means w2a8).")
 @click.option("--act-bits", type=int, default=None, help="Activation bits, overriding the recipe's.")
 @click.option("--adder", is_flag=True, help="AdderNet recipe at --bits 32 (adder) or 8 (adder-int8).")
-@click.option("--epochs", type=click.IntRange(0), default=None, help="Override the recipe's epochs.")
+@click.option("--epochs", type=click.IntRange(0), default=None,
+              help="Override the recipe's epochs; 0 with a quantized recipe is post-training quantization (PTQ).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Override the recipe's batch size.")
 @click.option("--lr", type=_Finite(above=0), default=None, help="Override the peak learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--teacher", default=None, help="Run directory of a trained teacher for knowledge distillation.")
-@click.option("--init", default=None, help="Run directory of a float run to start QAT from.")
+@click.option("--init", default=None,
+              help="Start from float weights: a qkit run directory, or a state_dict file (.pt/.pth/.bin, bare or "
+                   "under 'state_dict'/'model') or .safetensors; keys and shapes must match the model exactly.")
+@click.option("--calibrate", type=click.IntRange(1), default=1000, show_default=True,
+              help="PTQ (--epochs 0): training images that set the activation ranges.")
+@click.option("--bn-images", type=click.IntRange(0), default=None,
+              help="Re-estimate BatchNorm statistics on this many training images before evaluation and export; "
+                   "0 turns it off. [default: 2000 for PTQ and models outside qkit's zoo, else 0]")
+@click.option("--image-size", type=click.IntRange(1, 4096), default=None,
+              help="imagefolder: resize each image's shorter side to S and crop the centre S×S (needed when sizes "
+                   "differ); the manifest records it.")
+@click.option("--mean", default=None, help="Per-channel normalisation mean, e.g. 0.485,0.456,0.406 (the statistics "
+                                           "pretrained weights expect). [default: from the training split]")
+@click.option("--std", default=None, help="Per-channel normalisation std. [default: from the training split]")
+@click.option("--crop-augment", type=_Finite(at_least=0), default=None,
+              help="Random-resized-crop augmentation: crops of at least this fraction of the image's area (e.g. "
+                   "0.35), resized back. [default: the recipe's, 0 = off]")
+@click.option("--flip-augment/--no-flip-augment", default=None,
+              help="Random left-right mirror in training. [default: the recipe's]")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True, help="Processes (DDP via torchrun).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
@@ -99,8 +130,9 @@ def cli() -> None:
 @click.option("--out", default=None, help="Run directory. [default: runs/MODEL-DATA-RECIPE]")
 @quiet_opt
 @json_opt
-def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, seed, teacher, init, device, nproc,
-          resume, overwrite, out, quiet, as_json) -> None:
+def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, seed, teacher, init, calibrate,
+          bn_images, image_size, mean, std, crop_augment, flip_augment, device, nproc, resume, overwrite, out, quiet,
+          as_json) -> None:
     """Train a model with a quantization recipe; writes runs/NAME/ (checkpoint.pt, metrics.json, ...)."""
     from qkit.quant import resolve_recipe
     from qkit.training import train as run_train
@@ -110,7 +142,9 @@ def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, se
         sys.exit(_torchrun(nproc))
     metrics = run_train(model, data, r, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher,
                         init=init, device=device, resume=resume, out=out, overwrite=overwrite,
-                        progress=_progress(quiet), log=_say(quiet or as_json))
+                        progress=_progress(quiet), log=_say(quiet or as_json), calibrate_images=calibrate,
+                        bn_images=bn_images, image_size=image_size, mean=_csv_floats(mean, "--mean"),
+                        std=_csv_floats(std, "--std"), crop_augment=crop_augment, flip_augment=flip_augment)
     if not metrics:  # a torchrun rank other than 0: rank 0 reports
         return
     summary = {k: v for k, v in metrics.items() if k != "history"}
@@ -157,7 +191,8 @@ def export(run, out, opset, mobile, overwrite, model, quiet, as_json) -> None:
     e = m.execution
     _emit(as_json, {"bundle": str(bundle), **m.to_dict()},
           f"{bundle}: {m.recipe}, {m.files[ONNX].bytes / 1024:.1f} KB, conv/matmul on int8 "
-          f"{e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']} kernels, torch top1 {m.top1:.2f}%")
+          f"{e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']} kernels, torch top1 {m.top1:.2f}%"
+          + "".join(f"\n  float: {name}: {why}" for name, why in e.get("float_layers", {}).items()))
 
 
 @cli.command()

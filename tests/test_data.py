@@ -93,6 +93,40 @@ def test_imagefolder_and_npz(tmp_path):
     assert load_dataset(f"npz:{tmp_path / 'd.npz'}").num_classes == 3
 
 
+def test_imagefolder_of_mixed_sizes_and_formats(tmp_path):
+    """Photos as users have them: sizes and aspect ratios differ, JPEG/PNG/BMP/WebP, some grey, stray
+    files beside them. --image-size resizes the shorter side and crops the centre: a 40×20 image whose
+    left half is black and right half white becomes 8×8 of its centre (half black, half white)."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                a = np.zeros((20, 40, 3), np.uint8)
+                a[:, 20:] = 255
+                Image.fromarray(a).resize((40 + 8 * i, 20 + 4 * i)).save(d / f"{i}.{['jpg', 'png', 'bmp', 'webp'][i]}")
+            Image.fromarray(np.full((9, 13), 128, np.uint8)).save(d / "grey.png")
+            (d / "notes.txt").write_text("not an image")
+            (d / ".DS_Store").write_bytes(b"\0\1")
+    with pytest.raises(QkitError, match="images differ in size.*--image-size"):
+        load_dataset(f"imagefolder:{root}")
+    ds = load_dataset(f"imagefolder:{root}", image_size=8)
+    assert (ds.input_shape, len(ds.x_train), len(ds.x_test), ds.labels) == ((3, 8, 8), 10, 6, ["cat", "dog"])
+    assert ds.resize == "shorter side resized to 8 px (bilinear), centre 8x8 crop"
+    first = ds.x_train[0, 0]  # cat/0.jpg: JPEG blurs the edge a little
+    assert first[:, :2].max() < 0.1 and first[:, -2:].min() > 0.9
+    assert torch.allclose(ds.x_train[4], torch.full((3, 8, 8), 128 / 255))  # the grey image, as RGB
+    given = load_dataset(f"imagefolder:{root}", image_size=8, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    assert (given.mean, given.std) == ([0.5] * 3, [0.25] * 3)
+    with pytest.raises(QkitError, match="one per channel"):
+        load_dataset(f"imagefolder:{root}", image_size=8, mean=[0.5])
+    with pytest.raises(QkitError, match="applies to imagefolder"):
+        load_dataset("digits", image_size=8)
+
+
 @pytest.mark.parametrize("spec, message", [
     ("nope", "unknown dataset"), ("mnist:/does/not/exist", "not a directory"), ("npz:/nope.npz", "not a file"),
     ("synthetic:3x32", "CxHxW"), ("cifar10", "needs a directory")])

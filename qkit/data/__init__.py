@@ -43,6 +43,7 @@ class Dataset:
     scale: float  # raw pixel value that maps to 1.0 (16 for digits, 255 for 8-bit images)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    resize: str = ""  # geometric preprocessing before the pixels, if any (what an app must do first)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -213,17 +214,39 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-def _open_image(path: Path):
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+
+
+def _open_image(path: Path, size: int | None, rgb: bool) -> np.ndarray:
+    """One image as H×W (grey) or H×W×3 uint8; with ``size``, its shorter side resized to ``size`` (PIL
+    bilinear, which filters when shrinking) and the centre ``size``×``size`` cropped."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     with Image.open(path) as im:
-        im.load()
-        return im.copy()
+        im = im.convert("RGB" if rgb else "L")
+    if size:
+        w, h = im.size
+        k = size / min(w, h)
+        im = im.resize((max(size, round(w * k)), max(size, round(h * k))), Image.BILINEAR)
+        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.asarray(im)
 
 
-def _imagefolder(arg: str | None) -> Dataset:
-    """DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* with the fixed 1-in-5 test split."""
+def _is_grey(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode in ("1", "L", "I;16", "I", "F")
+
+
+def _imagefolder(arg: str | None, image_size: int | None = None) -> Dataset:
+    """DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* with the fixed 1-in-5 test split.
+
+    Any format PIL reads; colour if any image is colour (grey images are then repeated to RGB). Images of
+    one size are taken as they are; ``image_size`` resizes each (shorter side) and crops its centre square,
+    which mixed sizes need."""
     from PIL import Image
 
     if not arg or not Path(arg).is_dir():
@@ -231,36 +254,47 @@ def _imagefolder(arg: str | None) -> Dataset:
     root = Path(arg)
 
     def scan(d: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-        classes = sorted(p.name for p in d.iterdir() if p.is_dir())
-        return classes, [(f, i) for i, c in enumerate(classes) for f in sorted((d / c).iterdir()) if f.is_file()]
+        classes = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return classes, [(f, i) for i, c in enumerate(classes) for f in sorted((d / c).iterdir())
+                         if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
-    def read(items):
+    def read(items, rgb: bool):
         try:
             with warnings.catch_warnings():  # PIL only warns below twice its pixel limit: refuse there too
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                imgs = [np.asarray(_open_image(f)) for f, _ in items]
+                imgs = [_open_image(f, image_size, rgb) for f, _ in items]
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise QkitError(f"imagefolder: unreadable image ({type(exc).__name__}: {str(exc)[:200]})") from None
         if len({a.shape for a in imgs}) != 1:
-            raise QkitError("imagefolder: images differ in size or channels; resize them first")
+            raise QkitError(f"imagefolder: images differ in size ({', '.join(sorted({str(a.shape[:2]) for a in imgs})[:3])}"
+                            "…); pass --image-size S to resize each and crop its centre S×S")
         x = np.stack(imgs)
-        x = x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
-        return x, np.array([c for _, c in items])
+        return (x.transpose(0, 3, 1, 2) if x.ndim == 4 else x), np.array([c for _, c in items])
 
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    split = (root / "train").is_dir() and (root / "test").is_dir()
+    if split:
         classes, train = scan(root / "train")
         classes_test, test = scan(root / "test")
         if classes != classes_test:
             raise QkitError("imagefolder: train/ and test/ hold different classes")
-        if not train or not test:
-            raise QkitError(f"imagefolder: {root} has no images")
-        (xtr, ytr), (xte, yte) = read(train), read(test)
-        return _make("imagefolder", xtr, ytr, xte, yte, classes, 255.0)
-    classes, items = scan(root)
-    if not items:
-        raise QkitError(f"imagefolder: {root} has no class folders with images")
-    x, y = read(items)
-    return _fixed_split("imagefolder", x, y, classes, 255.0)
+    else:
+        classes, train = scan(root)
+        test = []
+    if not train or (split and not test):
+        raise QkitError(f"imagefolder: {root} has no class folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    try:
+        rgb = not all(_is_grey(f) for f, _ in train + test)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise QkitError(f"imagefolder: unreadable image ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if split:
+        (xtr, ytr), (xte, yte) = read(train, rgb), read(test, rgb)
+        ds = _make("imagefolder", xtr, ytr, xte, yte, classes, 255.0)
+    else:
+        x, y = read(train, rgb)
+        ds = _fixed_split("imagefolder", x, y, classes, 255.0)
+    if image_size:
+        ds.resize = f"shorter side resized to {image_size} px (bilinear), centre {image_size}x{image_size} crop"
+    return ds
 
 
 def _npz_sizes(path: str) -> int:
@@ -342,11 +376,25 @@ READERS = {
 }
 
 
-def load_dataset(spec: str, default_shape: tuple[int, int, int] | None = None) -> Dataset:
-    """Load ``NAME`` or ``NAME:ARG`` (a path, or ``CxHxW`` for synthetic)."""
+def load_dataset(spec: str, default_shape: tuple[int, int, int] | None = None, image_size: int | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> Dataset:
+    """Load ``NAME`` or ``NAME:ARG`` (a path, or ``CxHxW`` for synthetic). ``image_size``: imagefolder's
+    resize and centre crop; ``mean``/``std``: normalisation given (say, the statistics pretrained weights
+    expect) rather than computed from the training split."""
     name, _, arg = spec.partition(":")
     if name not in READERS:
         raise QkitError(f"unknown dataset {name!r}; choose from {', '.join(READERS)}")
+    if image_size is not None and name != "imagefolder":
+        raise QkitError(f"--image-size applies to imagefolder data, not {name}")
+    path = os.path.expanduser(arg) if arg else None
     if name == "synthetic" and default_shape:
-        return _synthetic(arg or None, default_shape)
-    return READERS[name](os.path.expanduser(arg) if arg else None)
+        ds = _synthetic(arg or None, default_shape)
+    else:
+        ds = _imagefolder(path, image_size) if name == "imagefolder" else READERS[name](path)
+    for what, given in (("mean", mean), ("std", std)):
+        if given is not None:
+            if len(given) != ds.input_shape[0] or (what == "std" and min(given) <= 0):
+                raise QkitError(f"--{what}: {len(ds.mean)} values{' above 0' if what == 'std' else ''} needed "
+                                f"(one per channel), got {given}")
+            setattr(ds, what, [float(v) for v in given])
+    return ds

@@ -133,7 +133,7 @@ def _manifest(recipe: Recipe, input_shape: tuple[int, ...], labels: list[str], o
     """A manifest with the recipe's facts filled in; files, execution and proofs come at writing."""
     c = input_shape[0]
     inp = InputSpec(shape=["N", *input_shape], dtype=recipe.dtype, scale=facts.pop("scale", 1.0),
-                    mean=facts.pop("mean", [0.0] * c), std=facts.pop("std", [1.0] * c))
+                    mean=facts.pop("mean", [0.0] * c), std=facts.pop("std", [1.0] * c), resize=facts.pop("resize", ""))
     return Manifest(input=inp, output=OutputSpec(labels=labels), recipe=recipe.name, weight_bits=recipe.weight_bits,
                     act_bits=recipe.act_bits, adder=recipe.adder, scheme=recipe.scheme, max_drop=recipe.max_drop,
                     files={}, opset=opset, roles={"runtime": ONNX}, execution={}, integer_kernels={},
@@ -170,11 +170,12 @@ def _export(net: nn.Module, recipe: Recipe, meta: dict[str, Any], dest: Path, op
     facts: dict[str, Any] = {"top1": None}
     reference = None
     if meta["data"] is not None:
-        ds = load_dataset(meta["data"], default_shape=input_shape)
+        ds = load_dataset(meta["data"], default_shape=input_shape, image_size=meta.get("image_size"),
+                          mean=meta.get("mean"), std=meta.get("std"))
         x_test, y_test = ds.split("test")
         logits = predict(net, x_test)
         reference = (logits.numpy(), y_test.numpy())
-        facts = {"top1": top1(logits, y_test), **{k: meta.get(k, getattr(ds, k)) for k in ("scale", "mean", "std")}}
+        facts = {"top1": top1(logits, y_test), **{k: getattr(ds, k) for k in ("scale", "mean", "std", "resize")}}
         meta = {"labels": ds.labels, **meta}
     labels = meta.get("labels") or [str(i) for i in range(int(predict(net, torch.zeros(1, *input_shape)).shape[1]))]
     manifest = _manifest(recipe, input_shape, labels, _opset(opset, recipe), model=meta["model"], data=meta["data"],

@@ -34,6 +34,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     shift_augment: float = 0.0      # random translations up to this fraction of the image side
     flip_augment: bool = False      # random left-right mirror (natural images such as CIFAR-10)
+    crop_augment: float = 0.0       # random-resized crop of at least this fraction of the area (0: off)
     distill_alpha: float = 0.5      # weight of the KD loss when --teacher is given
     distill_temperature: float = 4.0
     divergence_retries: int = 0     # on a non-finite loss: redo the epoch at half the lr, this many times
@@ -114,8 +115,9 @@ def _checked(r: Recipe) -> Recipe:
     if r.first_last_bits not in (8, 16, 32):
         raise QkitError(f"recipe {r.name}: first_last_bits must be 8, 16 or 32")
     t = r.train
-    if t.epochs < 0 or t.batch_size < 1 or t.lr <= 0 or not 0 <= t.distill_alpha <= 1:
-        raise QkitError(f"recipe {r.name}: epochs ≥ 0, batch_size ≥ 1, lr > 0 and 0 ≤ distill_alpha ≤ 1")
+    if t.epochs < 0 or t.batch_size < 1 or t.lr <= 0 or not 0 <= t.distill_alpha <= 1 or not 0 <= t.crop_augment < 1:
+        raise QkitError(f"recipe {r.name}: epochs ≥ 0, batch_size ≥ 1, lr > 0, 0 ≤ distill_alpha ≤ 1 and "
+                        "0 ≤ crop_augment < 1")
     return r
 
 

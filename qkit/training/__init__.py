@@ -29,9 +29,10 @@ import qkit
 from qkit.data import Dataset, load_dataset
 from qkit.errors import QkitError
 from qkit.fileio import replace_with, write_json, write_text
-from qkit.models import create_model, default_input_shape
+from qkit.models import create_model, default_input_shape, list_models
 from qkit.quant import Recipe, load_recipe, quantize
 from qkit.training import checkpoint
+from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn
 from qkit.training.distributed import Dist
 from qkit.training.loop import Batches, TrainState, run_epoch
 from qkit.training.loss import Objective
@@ -59,25 +60,28 @@ def top1(logits: torch.Tensor, y: torch.Tensor) -> float:
     return round(100.0 * float((logits.argmax(1) == y).float().mean()), 2)
 
 
-def _recipe(recipe: Recipe | None, data: str, epochs: int | None, batch_size: int | None, lr: float | None) -> Recipe:
+def _recipe(recipe: Recipe | None, data: str, epochs: int | None, batch_size: int | None, lr: float | None,
+            augment: dict[str, Any]) -> Recipe:
     """The recipe with its per-dataset settings and the command line's overrides applied."""
     recipe = (recipe or load_recipe("fp32")).for_data(data)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise QkitError(f"--lr must be a positive finite number, got {lr}")
-    overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), *augment.items())
+                 if v is not None}
     return recipe.replace(train=dataclasses.replace(recipe.train, **overrides)) if overrides else recipe
 
 
 def _load_init(net: nn.Module, init: str, model: str, ds: Dataset) -> None:
-    """Start from another run's float weights (QAT from an fp32 checkpoint)."""
-    ckpt = checkpoint.load(init)
-    if ckpt["model"] != model or list(ckpt["input_shape"]) != list(ds.input_shape) \
-            or len(ckpt["labels"]) != ds.num_classes:
-        raise QkitError(f"--init {init}: it is a {ckpt['model']} on {ckpt['input_shape']} inputs with "
-                        f"{len(ckpt['labels'])} classes, not {model} on {list(ds.input_shape)}")
-    if not checkpoint.recipe_from_dict(ckpt["recipe"]).is_float:
-        raise QkitError(f"--init {init}: start QAT from a float (fp32/fp16) run, not {ckpt['recipe']['name']}")
-    net.load_state_dict(ckpt["state_dict"])
+    """Start from float weights: a float qkit run (QAT from an fp32 checkpoint) or the user's weights file."""
+    weights, ckpt = checkpoint.read_weights(init)
+    if ckpt is not None:
+        if ckpt["model"] != model or list(ckpt["input_shape"]) != list(ds.input_shape) \
+                or len(ckpt["labels"]) != ds.num_classes:
+            raise QkitError(f"--init {init}: it is a {ckpt['model']} on {ckpt['input_shape']} inputs with "
+                            f"{len(ckpt['labels'])} classes, not {model} on {list(ds.input_shape)}")
+        if not checkpoint.recipe_from_dict(ckpt["recipe"]).is_float:
+            raise QkitError(f"--init {init}: start QAT from a float (fp32/fp16) run, not {ckpt['recipe']['name']}")
+    checkpoint.load_strict(net, weights, f"--init {init}")
 
 
 class _Session:
@@ -194,29 +198,42 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
           epochs: int | None = None, batch_size: int | None = None, lr: float | None = None, seed: int = 0,
           teacher: str | None = None, init: str | None = None, device: str = "cpu", resume: bool = False,
           out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+          log: Callable[[str], None] | None = None, calibrate_images: int = CALIBRATION_IMAGES,
+          bn_images: int | None = None, image_size: int | None = None, mean: list[float] | None = None,
+          std: list[float] | None = None, crop_augment: float | None = None,
+          flip_augment: bool | None = None) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``recipe``; writes the run directory and returns its metrics.
 
-    Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a
-    DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files.
+    ``epochs=0`` with a quantized recipe is post-training quantization: activation ranges from
+    ``calibrate_images`` training images, no gradient step; the recipe is named ``NAME-ptq``.
+    ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off;
+    None: :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own,
+    whose statistics settle in their recipes). ``image_size``, ``mean``, ``std``: see
+    :func:`qkit.data.load_dataset`. ``crop_augment``/``flip_augment`` override the recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with
+    DistributedDataParallel: each rank takes a DistributedSampler shard of every global batch, and only rank
+    0 evaluates and writes files.
     """
-    recipe = _recipe(recipe, data, epochs, batch_size, lr)
+    augment = {"crop_augment": crop_augment, "flip_augment": flip_augment}
+    recipe, ptq, bn_images = _post_training(_recipe(recipe, data, epochs, batch_size, lr, augment), model, bn_images)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QkitError("--device cuda: no CUDA device is available")
     dist = Dist(device)
     run = Path(out) if out else default_run_dir(model, data, recipe)
     # Inputs first: nothing is written before the data, the model, --init and --teacher are known good.
-    ds = load_dataset(data, default_shape=default_input_shape(model))
+    ds = load_dataset(data, default_shape=default_input_shape(model), image_size=image_size, mean=mean, std=std)
     seed_everything(seed)
     net = create_model(model, ds.num_classes, ds.input_shape)
     if init:
         _load_init(net, init, model, ds)
-    net = quantize(net, recipe).to(dist.device)
+    net = _prepare(net, recipe, ds, ptq, calibrate_images, bn_images, dist.device)
     teacher_net = checkpoint.load_model(teacher, model)[0].to(dist.device) if teacher else None
     resuming = resume and (run / "last.pt").is_file()
     meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
-            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "recipe": recipe.to_dict(),
-            "seed": seed, "qkit_version": qkit.__version__}
+            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
+            "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
+    n = len(ds.y_train)
+    tuned = {"method": ("ptq" if recipe.is_quantized else "none") if ptq else "qat" if recipe.is_quantized
+             else "train", "calibration_images": min(calibrate_images, n) if ptq else 0, "bn_images": min(bn_images, n)}
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
         work = claim_run_dir(stack, run, resuming, overwrite) if dist.main else run
@@ -225,15 +242,44 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         session = _Session(recipe, ds, net, Objective(recipe.train, teacher_net), dist, work, meta, say, progress)
         _start(session, run, resume, resuming, lr)
         session.fit(dist.wrap(net))
+        if bn_images and not ptq:
+            recalibrate_bn(net, session.x_train, bn_images, device=dist.device)
+            session.say(f"BatchNorm statistics re-estimated on {tuned['bn_images']} training images (--bn-images)")
         if not dist.main:
             return {}
-        metrics = session.metrics(init, teacher)
+        metrics = {**session.metrics(init, teacher), **tuned}
         session.finish(metrics)
         session.say(f"done: top1 {metrics['top1']:.2f}% on {len(session.x_test)} test images → {run}")
         say.file.close()  # the log is complete before the run moves into place
         if work != run:
             replace_with(work, run)
         return metrics
+
+
+def _post_training(recipe: Recipe, model: str, bn_images: int | None) -> tuple[Recipe, bool, int]:
+    """(the recipe, named ``NAME-ptq`` for post-training quantization; whether it is PTQ, i.e. no epochs; the
+    BatchNorm re-estimation images, resolving the default)."""
+    ptq = recipe.train.epochs == 0
+    if ptq and recipe.is_quantized:
+        recipe = recipe.replace(name=f"{recipe.name}-ptq")
+    if bn_images is None:
+        bn_images = BN_IMAGES if ptq or model not in list_models() else 0
+    return recipe, ptq, bn_images
+
+
+def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, ptq: bool, calibrate_images: int, bn_images: int,
+             device: str) -> nn.Module:
+    """The quantized model to train; for PTQ (no epochs) its BatchNorm statistics and activation ranges come
+    from training images here, on the float model first."""
+    x = ds.split("train")[0] if ptq else None
+    if ptq and bn_images:
+        recalibrate_bn(net.to(device), x, bn_images, device=device)
+    net = quantize(net, recipe).to(device)
+    if ptq and recipe.is_quantized:
+        if calibrate_images < 1:
+            raise QkitError("post-training quantization (--epochs 0) needs --calibrate of at least 1 image")
+        calibrate(net, x, calibrate_images, device=device)
+    return net
 
 
 def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None) -> None:

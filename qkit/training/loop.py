@@ -1,4 +1,4 @@
-"""The training loop: SGD (Nesterov momentum) with warm-up and a cosine schedule, shift/flip augmentation,
+"""The training loop: SGD (Nesterov momentum) with warm-up and a cosine schedule, crop/shift/flip augmentation,
 fp16 autocast on CUDA, and divergence retries at half the learning rate."""
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def shift(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tenso
     padded = F.pad(x, (pixels, pixels, pixels, pixels))
     h, w = x.shape[-2:]
     return padded[..., pixels + dy:pixels + dy + h, pixels + dx:pixels + dx + w]
+
+
+def resized_crop(x: torch.Tensor, min_area: float, gen: torch.Generator) -> torch.Tensor:
+    """Random-resized crop per image: a window of min_area..1 of the image's area, aspect ratio 3/4..4/3,
+    anywhere inside it, resized back to the full size (bilinear), as one batched affine resampling."""
+    if min_area <= 0:
+        return x
+    n = len(x)
+    area = min_area + (1 - min_area) * torch.rand(n, generator=gen)
+    aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=gen))
+    sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # window/side
+    tx, ty = ((1 - sx) * (2 * torch.rand(n, generator=gen) - 1), (1 - sy) * (2 * torch.rand(n, generator=gen) - 1))
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -114,7 +130,7 @@ class Batches:
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.order[step * self.per_batch:(step + 1) * self.per_batch]
-        xb = shift(self.x[idx], self.cfg.shift_augment, self.gen)
+        xb = shift(resized_crop(self.x[idx], self.cfg.crop_augment, self.gen), self.cfg.shift_augment, self.gen)
         xb = flip(xb, self.gen) if self.cfg.flip_augment else xb
         return xb.to(self.device), self.y[idx].to(self.device)
 

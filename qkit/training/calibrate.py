@@ -1,0 +1,56 @@
+"""Work on training data without gradients: BatchNorm statistics re-estimated, and post-training
+quantization (PTQ: activation ranges observed on training images, weights quantized as they are).
+
+Why re-estimate BatchNorm: running statistics are an exponential average taken while the weights moved.
+With a small momentum (torchvision builds MobileNetV3 and EfficientNet with 0.01) they lag the final weights
+by hundreds of steps, so evaluation and export see other statistics than training did. A cumulative average
+over training images in eval mode (no augmentation, no dropout) is what the model now computes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BN_IMAGES = 2000  # images for BatchNorm re-estimation; the statistics settle well within this on our data
+CALIBRATION_IMAGES = 1000  # images for PTQ's activation ranges
+
+
+def _batches(x: torch.Tensor, images: int, batch_size: int, device: str):
+    for i in range(0, min(images, len(x)), batch_size):
+        yield x[i:min(i + batch_size, images)].to(device)
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, x: torch.Tensor, images: int = BN_IMAGES, batch_size: int = 100,
+                   device: str = "cpu") -> int:
+    """Replace every BatchNorm's running mean and variance with their average over the first ``images`` of
+    ``x`` (normalised training images, fixed order); everything else runs in eval mode. Returns how many
+    BatchNorm layers were re-estimated."""
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    was_training, momenta = net.training, [m.momentum for m in bns]
+    net.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for xb in _batches(x, images, batch_size, device):
+            net(xb)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        net.train(was_training)
+    return len(bns)
+
+
+@torch.no_grad()
+def calibrate(net: nn.Module, x: torch.Tensor, images: int = CALIBRATION_IMAGES, batch_size: int = 100,
+              device: str = "cpu") -> None:
+    """PTQ: every Brevitas activation quantizer's range from its float inputs on the first ``images`` of
+    ``x`` (Brevitas's calibration mode: statistics averaged over batches, then frozen as the scale)."""
+    from brevitas.graph.calibrate import calibration_mode
+
+    net.eval()
+    with calibration_mode(net):
+        for xb in _batches(x, images, batch_size, device):
+            net(xb)

@@ -1,0 +1,61 @@
+"""A user's own photos and model from the command line: mixed-size colour images, --image-size, a torchvision
+architecture, PTQ, export and check; the manifest says how to preprocess."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qkit.training.loop import resized_crop
+from tests.conftest import run_cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from photo_folder import write_photo_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """mnist5k digits as colour photos of 20-40 px, JPEG and PNG: 60 train and 20 test per class."""
+    return write_photo_folder(tmp_path_factory.mktemp("photos"), 60, 20, min_size=20, max_size=40)
+
+
+def test_photos_to_a_checked_int8_bundle(photos, tmp_path):
+    """fp32 then int8 PTQ from its weights; the manifest records the resize and normalisation, and `qkit
+    check` reads the folder the same way (the bundle passes, exact on every target CPU)."""
+    common = ["--data", f"imagefolder:{photos}", "--image-size", "24", "--model", "lenet5"]
+    r = run_cli("train", *common, "--epochs", "4", "--crop-augment", "0.5", "--flip-augment", "--out",
+                str(tmp_path / "fp32"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["top1"] >= 60
+    r = run_cli("train", *common, "--recipe", "int8", "--epochs", "0", "--init", str(tmp_path / "fp32"),
+                "--out", str(tmp_path / "ptq"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["method"] == "ptq"
+    assert run_cli("export", str(tmp_path / "ptq"), "--out", str(tmp_path / "b")).returncode == 0
+    inp = json.loads((tmp_path / "b" / "manifest.json").read_text())["input"]
+    assert inp["shape"] == ["N", 3, 24, 24]
+    assert inp["resize"] == "shorter side resized to 24 px (bilinear), centre 24x24 crop"
+    assert len(inp["mean"]) == 3 and all(0.5 < m < 0.9 for m in inp["mean"])  # light paper
+    r = run_cli("check", str(tmp_path / "b"), "--json", "--target-samples", "50")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    result = json.loads(r.stdout)
+    assert result["parity"]["agreement"] >= 99.5 and result["execution"]["fp32"] == 0
+
+
+def test_resized_crop_takes_a_window_of_each_image():
+    """Per image: a window of at least the given area, resized back; 0 leaves the batch as it is."""
+    x = torch.linspace(0, 1, 16).repeat(16, 1).expand(32, 3, 16, 16)  # a left-to-right ramp
+    gen = torch.Generator().manual_seed(0)
+    assert resized_crop(x, 0.0, gen) is x
+    y = resized_crop(x, 0.25, gen)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    span = y[:, 0, 8, -1] - y[:, 0, 8, 0]  # the window's width, as a share of the ramp
+    assert (span > 0.25).all() and (span <= 1).all() and (span < 0.9).sum() > 8 and len(set(span.tolist())) > 24
+
+
+def test_mixed_sizes_without_image_size_is_one_line(photos, tmp_path):
+    r = run_cli("train", "--data", f"imagefolder:{photos}", "--out", str(tmp_path / "r"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--image-size" in r.stderr
