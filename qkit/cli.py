@@ -90,7 +90,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", default="lenet5", show_default=True, help="Registered model or pkg.module:factory.")
+@click.option("--model", default="lenet5", show_default=True,
+              help="Registered model or pkg.module:factory, e.g. torchvision.models:resnet18.")
 @click.option("--data", default="mnist5k", show_default=True,
               help="digits, mnist5k, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, imagefolder:DIR, npz:FILE, "
                    "synthetic[:CxHxW].")

@@ -16,15 +16,18 @@ CALIBRATION_IMAGES = 1000  # images for PTQ's activation ranges
 
 
 def _batches(x: torch.Tensor, images: int, batch_size: int, device: str):
-    for i in range(0, min(images, len(x)), batch_size):
-        yield x[i:min(i + batch_size, images)].to(device)
+    """``images`` of ``x`` drawn at random with a fixed seed: files come sorted by class, and statistics of
+    the first classes alone are biased (measured: QAT resnet18 97.5 % → 96.2 %, MobileNetV3 96.1 % → 92.1 %)."""
+    pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:images]
+    for i in range(0, len(pick), batch_size):
+        yield x[pick[i:i + batch_size]].to(device)
 
 
 @torch.no_grad()
 def recalibrate_bn(net: nn.Module, x: torch.Tensor, images: int = BN_IMAGES, batch_size: int = 100,
                    device: str = "cpu") -> int:
-    """Replace every BatchNorm's running mean and variance with their average over the first ``images`` of
-    ``x`` (normalised training images, fixed order); everything else runs in eval mode. Returns how many
+    """Replace every BatchNorm's running mean and variance with their average over ``images`` of ``x``
+    (normalised training images, no augmentation); everything else runs in eval mode. Returns how many
     BatchNorm layers were re-estimated."""
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     was_training, momenta = net.training, [m.momentum for m in bns]
@@ -46,8 +49,8 @@ def recalibrate_bn(net: nn.Module, x: torch.Tensor, images: int = BN_IMAGES, bat
 @torch.no_grad()
 def calibrate(net: nn.Module, x: torch.Tensor, images: int = CALIBRATION_IMAGES, batch_size: int = 100,
               device: str = "cpu") -> None:
-    """PTQ: every Brevitas activation quantizer's range from its float inputs on the first ``images`` of
-    ``x`` (Brevitas's calibration mode: statistics averaged over batches, then frozen as the scale)."""
+    """PTQ: every Brevitas activation quantizer's range from its float inputs on ``images`` of ``x``
+    (Brevitas's calibration mode: statistics averaged over batches, then frozen as the scale)."""
     from brevitas.graph.calibrate import calibration_mode
 
     net.eval()
