@@ -62,7 +62,10 @@ class QuantWeightLayer(nn.Module):
         # the trained model when activations are coarse (2-4 bits). ±64 is the widest that no x86 kernel's
         # int16 pair sum can saturate on (see INT_WEIGHT_MAX).
         shape = (-1,) + (1,) * (int_weight.dim() - 1)
-        int_weight = int_weight * torch.where(scale < 0, -1.0, 1.0).view(shape)
+        # A channel whose BN has γ = 0 (timm zero-initialises each block's last BN) computes only its bias:
+        # zero integers at scale 1, not scale 0 (a division by zero in every runtime's requantization).
+        int_weight = int_weight * torch.where(scale < 0, -1.0, 1.0).view(shape) * (scale != 0).view(shape)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         k = torch.floor(INT_WEIGHT_MAX / int_weight.abs().flatten(1).amax(1).clamp_min(1)).clamp_min(1)
         scale = scale.abs() / k
         self.register_buffer("weight", int_weight * k.view(shape) * scale.view(shape))
