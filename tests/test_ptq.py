@@ -67,7 +67,10 @@ def test_bn_statistics_become_the_training_images_statistics():
     ds = load_dataset("digits")
     x, _ = ds.split("train")
     net = _Stale()
+    with torch.no_grad():
+        net.conv.weight[0] = 0.0  # channel 0 computes its bias alone: constant on every image
     assert recalibrate_bn(net, x, images=1000) == 1
+    assert net.bn.running_var[0] == 0 and net.bn.weight[0] == 0 and (net.bn.weight[1:] != 0).all()
     pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:1000]
     with torch.no_grad():
         y = net.conv(x[pick])

@@ -5,6 +5,10 @@ Why re-estimate BatchNorm: running statistics are an exponential average taken w
 With a small momentum (torchvision builds MobileNetV3 and EfficientNet with 0.01) they lag the final weights
 by hundreds of steps, so evaluation and export see other statistics than training did. A cumulative average
 over training images in eval mode (no augmentation, no dropout) is what the model now computes.
+
+A channel whose variance is exactly 0 on the training images (a dead depthwise channel) computes β on all of
+them, but its γ/√ε gain (over 1,000 in timm's MobileNetV3) turns a one-level difference upstream into a
+different answer on the device. Its γ is set to 0: the same outputs on the training data, none of the gain.
 """
 from __future__ import annotations
 
@@ -43,6 +47,9 @@ def recalibrate_bn(net: nn.Module, x: torch.Tensor, images: int = BN_IMAGES, bat
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum
         net.train(was_training)
+    for m in bns:  # a channel constant on every training image outputs β: say so with γ = 0 (see below)
+        if m.affine:
+            m.weight.data[m.running_var == 0] = 0.0
     return len(bns)
 
 
