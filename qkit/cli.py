@@ -28,21 +28,17 @@ def _emit(as_json: bool, payload: Any, text: str) -> None:
     click.echo(json.dumps(payload, indent=2) if as_json else text)
 
 
-def _csv_ints(value: str, name: str) -> tuple[int, ...]:
+def _csv_ints(value: str, name: str, kind: type = int) -> tuple:
     try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
+        return tuple(kind(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise QkitError(f"{name} takes comma-separated integers, got {value!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise QkitError(f"{name} takes comma-separated {what}, got {value!r}") from None
 
 
 def _csv_floats(value: str | None, name: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        numbers = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        numbers = []
-    if not numbers or not all(math.isfinite(v) for v in numbers):
+    numbers = None if value is None else list(_csv_ints(value, name, float))
+    if numbers is not None and not (numbers and all(math.isfinite(v) for v in numbers)):
         raise QkitError(f"{name} takes comma-separated finite numbers, got {value!r}")
     return numbers
 

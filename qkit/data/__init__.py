@@ -217,14 +217,14 @@ class _SafeUnpickler(pickle.Unpickler):
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 
 
-def _open_image(path: Path, size: int | None, rgb: bool) -> np.ndarray:
+def _open_image(path: Path, size: int | None) -> np.ndarray:
     """One image as H×W (grey) or H×W×3 uint8; with ``size``, its shorter side resized to ``size`` (PIL
     bilinear, which filters when shrinking) and the centre ``size``×``size`` cropped."""
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     with Image.open(path) as im:
-        im = im.convert("RGB" if rgb else "L")
+        im = im.convert("L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB")
     if size:
         w, h = im.size
         k = size / min(w, h)
@@ -232,13 +232,6 @@ def _open_image(path: Path, size: int | None, rgb: bool) -> np.ndarray:
         left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
         im = im.crop((left, top, left + size, top + size))
     return np.asarray(im)
-
-
-def _is_grey(path: Path) -> bool:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.mode in ("1", "L", "I;16", "I", "F")
 
 
 def _imagefolder(arg: str | None, image_size: int | None = None) -> Dataset:
@@ -258,13 +251,17 @@ def _imagefolder(arg: str | None, image_size: int | None = None) -> Dataset:
         return classes, [(f, i) for i, c in enumerate(classes) for f in sorted((d / c).iterdir())
                          if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
-    def read(items, rgb: bool):
+    def decode(items) -> list[np.ndarray]:
         try:
             with warnings.catch_warnings():  # PIL only warns below twice its pixel limit: refuse there too
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                imgs = [_open_image(f, image_size, rgb) for f, _ in items]
+                return [_open_image(f, image_size) for f, _ in items]
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
             raise QkitError(f"imagefolder: unreadable image ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+    def stack(imgs: list[np.ndarray], items, rgb: bool):
+        if rgb:  # grey beside colour: repeated to RGB, as PIL's convert("RGB") does
+            imgs = [np.repeat(a[..., None], 3, 2) if a.ndim == 2 else a for a in imgs]
         if len({a.shape for a in imgs}) != 1:
             raise QkitError(f"imagefolder: images differ in size ({', '.join(sorted({str(a.shape[:2]) for a in imgs})[:3])}"
                             "…); pass --image-size S to resize each and crop its centre S×S")
@@ -282,15 +279,13 @@ def _imagefolder(arg: str | None, image_size: int | None = None) -> Dataset:
         test = []
     if not train or (split and not test):
         raise QkitError(f"imagefolder: {root} has no class folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    try:
-        rgb = not all(_is_grey(f) for f, _ in train + test)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise QkitError(f"imagefolder: unreadable image ({type(exc).__name__}: {str(exc)[:200]})") from None
+    img_train, img_test = decode(train), decode(test)
+    rgb = any(a.ndim == 3 for a in img_train + img_test)
     if split:
-        (xtr, ytr), (xte, yte) = read(train, rgb), read(test, rgb)
+        (xtr, ytr), (xte, yte) = stack(img_train, train, rgb), stack(img_test, test, rgb)
         ds = _make("imagefolder", xtr, ytr, xte, yte, classes, 255.0)
     else:
-        x, y = read(train, rgb)
+        x, y = stack(img_train, train, rgb)
         ds = _fixed_split("imagefolder", x, y, classes, 255.0)
     if image_size:
         ds.resize = f"shorter side resized to {image_size} px (bilinear), centre {image_size}x{image_size} crop"

@@ -11,25 +11,25 @@ from torch import nn
 WeightFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-class QuantizedConv2d(nn.Conv2d):
-    """Conv2d computing with ``weight_fn(weight)[0]``; subclasses set ``weight_fn`` (a staticmethod)."""
+class _WeightFn:
+    """Subclasses set ``weight_fn`` (a staticmethod); ``quant_weight()`` is (w_q, α_c) of the latent weight."""
 
+    weight: torch.Tensor
     weight_fn: WeightFn
 
     def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.weight_fn(self.weight)
+
+
+class QuantizedConv2d(_WeightFn, nn.Conv2d):
+    """Conv2d computing with ``weight_fn(weight)[0]``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quant_weight()[0], self.bias)
 
 
-class QuantizedLinear(nn.Linear):
+class QuantizedLinear(_WeightFn, nn.Linear):
     """Linear layer computing with ``weight_fn(weight)[0]``."""
-
-    weight_fn: WeightFn
-
-    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight_fn(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quant_weight()[0], self.bias)
