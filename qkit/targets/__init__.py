@@ -126,12 +126,20 @@ class TargetRun:
     error: str | None = None
 
 
-def run(name: str, models: list[Path], x: np.ndarray, timeout: float = 900) -> list[TargetRun]:
-    """Each model file on target ``name`` for inputs ``x``, in one process."""
+def python(name: str, path: list[Path] = ()) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of a Python interpreter on target ``name`` that imports from ``path`` too (an
+    emulated ARM64 one has only its numpy and onnxruntime wheels); QkitError says why there is none."""
     cmd = _command(TARGETS[name])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     if TARGETS[name].arch == "aarch64" and cmd[0] != sys.executable:
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(home() / "arm64" / "site"), "PYTHONNOUSERSITE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, path), *filter(None, [env.get("PYTHONPATH")])])
+    return cmd, env
+
+
+def run(name: str, models: list[Path], x: np.ndarray, timeout: float = 900) -> list[TargetRun]:
+    """Each model file on target ``name`` for inputs ``x``, in one process."""
+    cmd, env = python(name)
     with tempfile.TemporaryDirectory(prefix="qkit-target-") as tmp:
         tmp = Path(tmp)
         np.save(tmp / "x.npy", np.ascontiguousarray(x))

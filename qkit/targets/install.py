@@ -3,7 +3,7 @@
 Installs Debian's ``qemu-user-static`` and builds an ARM64 sysroot in :func:`qkit.targets.home`: Debian
 arm64 python3.11 and the libraries it loads (``apt-get download`` + ``dpkg -x``, nothing installed
 system-wide for arm64), plus the manylinux aarch64 wheels of the onnxruntime and numpy versions installed
-here. Needs root and apt for the Debian parts; otherwise it says so in one line and exits 0, and the
+here; and ``g++-aarch64-linux-gnu``, for the ARM64 build of qkit's kernels. Needs root and apt for the Debian parts; otherwise it says so in one line and exits 0, and the
 targets it could not set up are reported as skipped by ``qkit check``.
 """
 from __future__ import annotations
@@ -31,16 +31,17 @@ def _apt_ok() -> bool:
     return os.geteuid() == 0 and shutil.which("apt-get") is not None
 
 
-def install_qemu() -> None:
-    if shutil.which("qemu-x86_64-static") and shutil.which("qemu-aarch64-static"):
+def _apt_install(package: str, *commands: str) -> None:
+    """Debian's ``package`` unless every one of ``commands`` is already on PATH."""
+    if all(shutil.which(c) for c in commands):
         return
     if not _apt_ok():
-        raise RuntimeError("qemu-user-static is missing and installing it needs root and apt-get")
+        raise RuntimeError(f"{package} is missing and installing it needs root and apt-get")
     try:
-        _sh("apt-get", "install", "-y", "-q", "qemu-user-static")
+        _sh("apt-get", "install", "-y", "-q", package)
     except subprocess.CalledProcessError:
         _sh("apt-get", "update", "-q")
-        _sh("apt-get", "install", "-y", "-q", "qemu-user-static")
+        _sh("apt-get", "install", "-y", "-q", package)
 
 
 def _download_debs(dest: Path) -> None:
@@ -97,7 +98,10 @@ def install_arm64(root: Path) -> None:
 
 
 def main() -> int:
-    steps = (("qemu-user-static", install_qemu), ("ARM64 sysroot", lambda: install_arm64(home() / "arm64")))
+    steps = (("qemu-user-static", lambda: _apt_install("qemu-user-static", "qemu-x86_64-static", "qemu-aarch64-static")),
+             ("ARM64 sysroot", lambda: install_arm64(home() / "arm64")),
+             # the ARM64 build of qkit's adder kernels (python -m qkit.kernels.build), tested under qemu
+             ("ARM64 C++ cross compiler", lambda: _apt_install("g++-aarch64-linux-gnu", "aarch64-linux-gnu-g++")))
     for what, step in steps:
         try:
             step()

@@ -1,0 +1,80 @@
+"""Check the built adder kernels on this CPU: every path it runs against a NumPy reference, on seeded random
+layer shapes (stride, padding, odd sizes, filters and channels that fill no tile). Prints one JSON line.
+
+    python -m qkit.kernels.selftest [--library PATH] [--cases N] [--seed S]
+
+Needs only numpy, so the tests also run it in the emulated ARM64 python on the cross-built library.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from qkit import kernels
+
+
+def reference(x: np.ndarray, w: np.ndarray, stride, padding, pad: float = 0.0) -> np.ndarray:
+    """Σ_{c,i,j} |x_padded[n, c, oy·sh + i, ox·sw + j] − w[o, c, i, j]| in float64."""
+    ph, pw = padding
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad)
+    win = np.lib.stride_tricks.sliding_window_view(xp, w.shape[2:], axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
+    return np.abs(win[:, None] - w.astype(np.float64)[None, :, :, None, None]).sum(axis=(2, 5, 6))
+
+
+def random_case(rng: np.random.Generator) -> dict:
+    while True:
+        n, c, h, w = (int(v) for v in rng.integers([1, 1, 1, 1], [3, 40, 14, 14]))
+        o, kh, kw, sh, sw, ph, pw = (int(v) for v in rng.integers([1, 1, 1, 1, 1, 0, 0], [70, 4, 4, 3, 3, 2, 2]))
+        if h + 2 * ph >= kh and w + 2 * pw >= kw:
+            break
+    return {"x": rng.standard_normal((n, c, h, w)).astype(np.float32),
+            "w": rng.standard_normal((o, c, kh, kw)).astype(np.float32),
+            "xu": rng.integers(0, 256, (n, c, h, w), dtype=np.uint8),
+            "wu": rng.integers(0, 256, (o, c, kh, kw), dtype=np.uint8),
+            "pad": int(rng.integers(0, 256)), "stride": (sh, sw), "padding": (ph, pw),
+            "scale": float(rng.uniform(0.001, 0.5)), "excess": rng.integers(0, 5000, o).astype(np.int32)}
+
+
+def expected_q8(case: dict) -> np.ndarray:
+    """The adder-int8 layer on the codes xu of the float input (xu − pad)·scale: −scale·(SAD + excess)."""
+    sad = reference(case["xu"], case["wu"], case["stride"], case["padding"], case["pad"]).astype(np.int64)
+    return np.float32(-case["scale"]) * (sad + case["excess"][None, :, None, None]).astype(np.float32)
+
+
+def check(case: dict, isa: str, library: Path | None = None) -> tuple[int, float]:
+    """(integer-grid results that differ from the reference: raw sums and the float-in layer; largest float
+    error relative to the layer's scale)."""
+    s, p = case["stride"], case["padding"]
+    u8 = kernels.adder_u8(case["xu"], case["wu"], case["pad"], s, p, isa, library)
+    ref_u8 = reference(case["xu"], case["wu"], s, p, case["pad"])
+    x_grid = (case["xu"].astype(np.float32) - case["pad"]) * np.float32(case["scale"])
+    q8 = kernels.adder_q8(x_grid, case["wu"], case["excess"], case["scale"], case["pad"], s, p, isa, library)
+    f32 = kernels.adder_f32(case["x"], case["w"], s, p, isa, library)
+    ref = -reference(case["x"], case["w"], s, p)
+    wrong = int((u8 != ref_u8).sum()) + int((q8 != expected_q8(case)).sum())
+    return wrong, float(np.abs(f32 - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--library", type=Path, default=None)
+    ap.add_argument("--cases", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    cases = [random_case(rng) for _ in range(args.cases)]
+    result = {"isas": kernels.isas(args.library), "cases": args.cases, "u8_mismatches": {}, "f32_max_rel_error": {}}
+    for isa in result["isas"]:
+        errors = [check(case, isa, args.library) for case in cases]
+        result["u8_mismatches"][isa] = sum(e[0] for e in errors)
+        result["f32_max_rel_error"][isa] = max(e[1] for e in errors)
+    print(json.dumps(result))
+    return 0 if not any(result["u8_mismatches"].values()) and max(result["f32_max_rel_error"].values()) < 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
