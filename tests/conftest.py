@@ -39,7 +39,8 @@ def bundles(runs, workdir) -> dict[str, Path]:
     return {name: qkit.export(run, workdir / "export" / name) for name, run in runs.items()}
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it (no TTY, so no progress bars)."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it (no TTY, so no progress bars); ``env`` adds variables."""
     exe = Path(sys.executable).with_name("qkit")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, **(env or {})})

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import qkit
+from qkit import kernels
 from qkit.bench.timing import median_ci
 from qkit.export.executorch import installed as executorch_installed
 from tests.conftest import run_cli
@@ -20,7 +21,7 @@ needs_executorch = pytest.mark.skipif(not executorch_installed(), reason="ExecuT
 def mobile(runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("mobile")
     return {name: qkit.export(runs[name], root / name, mobile=True)
-            for name in ("fp32", "fp16", "int8", "w2a8", "w2a2", "w4a4", "w1a1")}
+            for name in ("fp32", "fp16", "int8", "w2a8", "w2a2", "w4a4", "w1a1", "adder", "adder-int8")}
 
 
 @needs_executorch
@@ -36,6 +37,28 @@ def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
     assert abs(result["executorch"]["top1"] - result["top1"]) <= 1.0
     if name == "w2a2":  # 2-bit levels in int8, clamped and with threshold-exact biases: XNNPACK is exact
         assert result["executorch"]["agreement"] == 100.0
+
+
+@needs_executorch
+@pytest.mark.skipif(kernels.missing() is not None, reason=str(kernels.missing()))
+@pytest.mark.parametrize("name, op", [("adder", "qkit::adder2d"), ("adder-int8", "qkit::adder2d_u8")])
+def test_adder_pte_runs_its_layer_on_qkits_sad_kernel(mobile, name, op):
+    """lenet5's one adder layer is a call of qkit's own operator, the rest delegated to XNNPACK; the integer
+    one is exact (uint8 codes of the input grid), so the .pte gives PyTorch's answers."""
+    et = json.loads((mobile[name] / "manifest.json").read_text())["executorch"]
+    assert et["qkit_kernels"] == {op: 1} and et["compute_delegated"] == et["compute_nodes"] == 3
+    result = qkit.check(mobile[name], targets=())
+    assert result["passed"] and result["executorch"]["agreement"] >= 99.9
+    if name == "adder-int8":
+        assert result["executorch"]["max_abs_logit_diff"] < 1e-3
+
+
+@needs_executorch
+@pytest.mark.skipif(kernels.missing() is not None, reason=str(kernels.missing()))
+def test_adder_pte_without_the_kernel_library_is_refused_in_one_line(mobile, tmp_path):
+    r = run_cli("check", str(mobile["adder-int8"]), "--target", "none", env={"QKIT_KERNELS": str(tmp_path)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ExecuTorch cannot load model.pte: the adder kernels")
 
 
 @pytest.mark.parametrize("name", ["w4a4", "w1a1"])

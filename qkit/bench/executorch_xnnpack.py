@@ -12,7 +12,8 @@ try:  # the runtime imports torch; importing here keeps that out of the measured
     import executorch
     import torch
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-    from executorch.runtime import Runtime
+
+    from qkit.export.executorch import load_method
 except ImportError:
     executorch = None
 
@@ -30,7 +31,7 @@ def unavailable(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[st
 
 def load(runtime: str, bundle: Path, facts: dict[str, Any], spec: dict[str, Any]):
     _unsafe_reset_threadpool(spec["threads"])
-    method = Runtime.get().load_program(str(bundle / "model.pte")).load_method("forward")
+    method = load_method(bundle / "model.pte")
     x = torch.from_numpy(example_input(facts, 1))
     report = facts["pte"]
     executed = {k: report[k] for k in ("compute_nodes", "compute_delegated", "compute_int8") if k in report}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qkit.errors import QkitError
 from qkit.quant import Recipe, get_scheme, set_module
 from qkit.quant.deploy import QuantAct, QuantWeightLayer
 from qkit.quant.moves import is_move, source
@@ -130,6 +131,8 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
             requantized = any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantAct)
                               for u in node.users)
             set_module(gm, node.target, Int8WeightLayer(m, int8=requantized))
+        elif hasattr(m, "for_executorch"):  # a scheme's layer with a kernel of its own (AdderNet's SAD)
+            set_module(gm, node.target, m.for_executorch())
     for node in list(gm.graph.nodes):
         if is_move(node, gm) and any(u.op == "call_module" and isinstance(gm.get_submodule(u.target),
                                                                           Int8WeightLayer) for u in node.users):
@@ -212,7 +215,7 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    model = for_executorch(deploy) if recipe.is_quantized else deploy
+    model = for_executorch(deploy) if isinstance(deploy, fx.GraphModule) else deploy
     with torch.no_grad():
         ep = torch.export.export(model.eval(), (torch.zeros(1, *input_shape, dtype=getattr(torch, recipe.dtype)),))
     _one_dequantize_per_user(ep)
@@ -221,10 +224,20 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     left = sum(1 for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE))
     delegates = sum(1 for n in graph.nodes if "executorch_call_delegate" in str(n.target))
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantWeightLayer, Int8WeightLayer))]
+    own = [_qkit_op(n) for n in graph.nodes if _qkit_op(n)]
     path.write_bytes(edge.to_executorch().buffer)
-    return {"backend": "XnnpackBackend", "delegate_calls": delegates, "compute_nodes": len(layers),
-            "compute_delegated": len(layers) - left,
-            "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
+    report = {"backend": "XnnpackBackend", "delegate_calls": delegates, "compute_nodes": len(layers),
+              "compute_delegated": len(layers) - left,
+              "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
+    if own:  # layers on qkit's own kernels: an app links libqkit_adder_executorch.so beside the runtime
+        report["qkit_kernels"] = {op: own.count(op) for op in sorted(set(own))}
+    return report
+
+
+def _qkit_op(node: fx.Node) -> str | None:
+    """``qkit::NAME`` for a call of one of qkit's own operators."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema.name if schema is not None and schema.name.startswith("qkit::") else None
 
 
 @contextlib.contextmanager
@@ -242,11 +255,22 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
-def run_pte(path: Path, x: np.ndarray) -> np.ndarray:
-    """Logits of ``x`` (N, C, H, W) through ExecuTorch's runtime, one image at a time (the .pte is batch 1)."""
+def load_method(path: Path):
+    """The ``forward`` method of ``path`` in ExecuTorch's runtime, with qkit's own operators registered."""
     from executorch.runtime import Runtime
 
-    with _native_stderr_silenced():  # XNNPACK's cpuinfo prints probe failures of ARM-only files on x86
-        method = Runtime.get().load_program(str(path)).load_method("forward")
+    from qkit import kernels
+
+    missing = kernels.load_executorch()  # a .pte may call the adder kernels; the others do not need them
+    try:
+        with _native_stderr_silenced():  # XNNPACK's cpuinfo prints probe failures of ARM-only files on x86
+            return Runtime.get().load_program(str(path)).load_method("forward")
+    except RuntimeError as e:
+        raise QkitError(f"ExecuTorch cannot load {path.name}: {missing or e}") from None
+
+
+def run_pte(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits of ``x`` (N, C, H, W) through ExecuTorch's runtime, one image at a time (the .pte is batch 1)."""
+    method = load_method(path)
     # outputs alias the method's planned memory: copy each before the next call overwrites it
     return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy().copy() for i in range(len(x))])

@@ -19,7 +19,7 @@ from qkit.errors import QkitError
 from qkit.quant.adder import Adder2d
 from qkit.quant.convert import convert, recipe_of
 from qkit.quant.deploy import INT_WEIGHT_MAX
-from qkit.quant.moves import is_move
+from qkit.quant.moves import is_move, source
 from qkit.quant.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 from qkit.quant.schemes import SCHEMES, act_quantizer, get_scheme, register_scheme
 from qkit.quant.schemes.binary import BinaryConv2d, BinaryLinear, SignAct
@@ -99,6 +99,9 @@ class _Prepare:
         set_module(self.gm, node.target, new)
         src = node.args[0]
         node.replace_input_with(src, self.quantized_input(src, r.act_bits))
+        if hasattr(new, "bind_input") and self.quant_acts:  # a layer whose weights share its input's grid
+            quant = source(node.args[0], self.gm)
+            new.bind_input(self.gm.get_submodule(quant.target))
 
     def relu(self, node: fx.Node, first_call: bool) -> None:
         """The ReLU becomes an unsigned quantizer; a ReLU module called at several places (torchvision's

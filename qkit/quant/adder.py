@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkit.quant.fused import Fused
-from qkit.quant.quantizers import int_weight
+from qkit.errors import QkitError
+from qkit.quant.quantizers import grid_weight
 
 # Bound on the N×O×K×L elements the eager input gradient materialises at once (about 64 MB of fp32).
 _CHUNK_ELEMENTS = 16 * 2**20
@@ -72,8 +73,8 @@ class _AdderFn(torch.autograd.Function):
 class Adder2d(nn.Module):
     """Drop-in replacement for ``nn.Conv2d`` (groups=1) computing the negative L1 distance.
 
-    ``weight_bits=8`` quantizes the weights (per tensor, symmetric) for the adder-int8 recipe; the
-    inputs are quantized by the activation quantizer placed in front of the layer.
+    ``weight_bits=8`` (the adder-int8 recipe) puts the weights on the grid of the activation quantizer in
+    front of the layer (:meth:`bind_input`), so the deployed layer is an exact integer SAD.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
@@ -87,8 +88,22 @@ class Adder2d(nn.Module):
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *ks))  # N(0, 1), as the paper
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
 
+    def bind_input(self, quantizer: nn.Module) -> None:
+        """The 8-bit activation quantizer that feeds this layer. Held as a plain attribute, not a submodule:
+        it belongs to the graph (state_dict keys stay as they are; deepcopy keeps the pairing)."""
+        object.__setattr__(self, "input_quant", quantizer)
+
+    def input_grid(self) -> tuple[torch.Tensor, int]:
+        """(step, zero point) of the input's integer grid, as the quantizer evaluates them."""
+        quant = getattr(self, "input_quant", None)
+        if quant is None:
+            raise QkitError("an 8-bit Adder2d needs the activation quantizer in front of it: prepare the model "
+                            "with qkit.quantize(model, 'adder-int8')")
+        zero_point = quant.act_quant.zero_point()
+        return quant.act_quant.scale().detach().reshape(()), round(float(zero_point)) if zero_point is not None else 0
+
     def quant_weight(self) -> torch.Tensor:
-        return int_weight(self.weight, self.weight_bits)[0] if self.weight_bits <= 8 else self.weight
+        return grid_weight(self.weight, self.input_grid()[0]) if self.weight_bits <= 8 else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape

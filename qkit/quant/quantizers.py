@@ -54,15 +54,15 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def int_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-tensor integer weights: w_q = s · clamp(round(w/s), −(2^(b−1)−1), 2^(b−1)−1).
+def grid_weight(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """AdderNet weights on the grid of the layer's input: w_q = s·round(w/s), s the input quantizer's step.
 
-    s = max|w| / (2^(b−1)−1). Backward: straight-through (identity) for round, as in Jacob et al. 2018.
-    Used for AdderNet weights, which must share the input's integer grid only up to a scale.
+    Not clamped: with inputs on codes 0-255, a weight beyond that range is exact at deploy time as its clamped
+    code plus a per-filter constant (|q − w| = |q − clamp(w)| + |w − clamp(w)|), so Σ|x − w| = s·Σ|q_x − q_w|
+    is an unsigned sum of absolute differences (PSADBW, UABD). Backward: straight-through round; s is a
+    constant of the step. Source: the AdderNet layer of Chen et al., CVPR 2020, on Jacob et al.'s 2018 grid.
     """
-    qmax = 2 ** (bits - 1) - 1
-    scale = (w.detach().abs().max() / qmax).clamp_min(1e-8)
-    return _RoundSTE.apply(w / scale).clamp(-qmax, qmax) * scale, scale
+    return _RoundSTE.apply(w / step) * step
 
 
 def _fake_quant_forward(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, lo: torch.Tensor,

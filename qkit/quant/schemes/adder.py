@@ -1,7 +1,8 @@
 """AdderNet scheme: every ordinary (groups = 1) inner conv becomes an :class:`~qkit.quant.adder.Adder2d`,
-fp32 or on an 8-bit grid; the first and last layers, linear and depthwise layers stay the integer
-scheme's (or float in the fp32 recipe). At deploy time an adder layer is standard ONNX: one shifted slice per
-kernel tap, Sub, Abs and ReduceSum, with BatchNorm folded after the reduction.
+fp32 or on the 8-bit grid of its input; the first and last layers, linear and depthwise layers stay the
+integer scheme's (or float in the fp32 recipe). At deploy time an adder layer is standard ONNX (one shifted
+slice per kernel tap, Sub, Abs and ReduceSum, BatchNorm folded after the reduction) and, in a ``.pte``, a call
+of qkit's own SAD kernel (:mod:`qkit.kernels`).
 """
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from qkit.quant.schemes import Scheme, register_scheme
 
 
 class AdderDeploy(nn.Module):
-    """y = −Σ_{c,i,j} |x[c, h+i, w+j] − W[o, c, i, j]| with standard ops: one shifted slice per kernel tap."""
+    """y = −Σ_{c,i,j} |x[c, h+i, w+j] − W[o, c, i, j]| with standard ops: one shifted slice per kernel tap.
 
-    def __init__(self, layer: Adder2d, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    ``grid``: (step, zero point) of the input's 8-bit grid, on which the weights also lie (adder-int8)."""
+
+    def __init__(self, layer: Adder2d, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                 grid: tuple[float, int] | None = None) -> None:
         super().__init__()
         self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
+        self.grid = grid
         self.register_buffer("weight", weight.detach().clone())
         # BN folded after the reduction: y·scale + shift (BN cannot move into the weights of |x − w|).
         self.register_buffer("scale", scale.view(1, -1, 1, 1))
@@ -39,6 +44,39 @@ class AdderDeploy(nn.Module):
                 acc = d if acc is None else acc + d
         return acc * (-self.scale) + self.shift
 
+    def for_executorch(self) -> nn.Module:
+        return AdderKernel(self)
+
+
+class AdderKernel(nn.Module):
+    """The same layer as one call of qkit's SAD kernel (``qkit::adder2d`` or, on the integer grid,
+    ``qkit::adder2d_u8`` over uint8 codes and a per-filter excess: exact in int32), then the BatchNorm fold.
+    ExecuTorch runs it from the library :func:`qkit.kernels.load_executorch` registers."""
+
+    def __init__(self, deploy: AdderDeploy) -> None:
+        super().__init__()
+        import qkit.kernels.ops  # noqa: F401  (defines the operators)
+
+        self.stride, self.padding, self.grid = list(deploy.stride), list(deploy.padding), deploy.grid
+        self.register_buffer("scale", deploy.scale.clone())
+        self.register_buffer("shift", deploy.shift.clone())
+        if self.grid is None:
+            self.register_buffer("weight", deploy.weight.clone())
+            return
+        step, zero_point = self.grid
+        codes = torch.round(deploy.weight.double() / step) + zero_point  # integers: the weights are on the grid
+        clamped = codes.clamp(0, 255)
+        self.register_buffer("weight", clamped.to(torch.uint8))
+        self.register_buffer("excess", (codes - clamped).abs().sum((1, 2, 3)).to(torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is None:
+            y = torch.ops.qkit.adder2d(x, self.weight, self.stride, self.padding)
+        else:
+            y = torch.ops.qkit.adder2d_u8(x, self.weight, self.excess, float(self.grid[0]), int(self.grid[1]),
+                                          self.stride, self.padding)
+        return y * self.scale + self.shift
+
 
 @register_scheme("adder")
 class AdderScheme(Scheme):
@@ -58,7 +96,16 @@ class AdderScheme(Scheme):
 
     def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
         bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
-        return AdderDeploy(m, m.quant_weight().detach(), mult, bias * mult + shift)
+        grid = None
+        if m.weight_bits <= 8:
+            step, zero_point = m.input_grid()
+            grid = (float(step), zero_point)
+        return AdderDeploy(m, m.quant_weight().detach(), mult, bias * mult + shift, grid)
 
     def executorch(self, recipe) -> str | None:
-        return "AdderNet has no XNNPACK kernel"
+        from qkit.kernels import executorch_library
+
+        if not executorch_library().exists():
+            return ("AdderNet runs on qkit's own SAD kernel, which is not built here "
+                    "(python -m qkit.kernels.build needs a C++ compiler)")
+        return None
