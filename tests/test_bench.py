@@ -43,14 +43,13 @@ def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
 @pytest.mark.skipif(kernels.missing() is not None, reason=str(kernels.missing()))
 @pytest.mark.parametrize("name, op", [("adder", "qkit::adder2d"), ("adder-int8", "qkit::adder2d_u8")])
 def test_adder_pte_runs_its_layer_on_qkits_sad_kernel(mobile, name, op):
-    """lenet5's one adder layer is a call of qkit's own operator, the rest delegated to XNNPACK; the integer
-    one is exact (uint8 codes of the input grid), so the .pte gives PyTorch's answers."""
+    """lenet5's one adder layer is a call of qkit's own operator, the rest delegated to XNNPACK, and the .pte
+    gives PyTorch's answers (its integer layer is exact, tests/test_adder_kernels.py; the logits still differ
+    by XNNPACK's requantization of the int8 conv layers, as in every int8 .pte)."""
     et = json.loads((mobile[name] / "manifest.json").read_text())["executorch"]
     assert et["qkit_kernels"] == {op: 1} and et["compute_delegated"] == et["compute_nodes"] == 3
     result = qkit.check(mobile[name], targets=())
     assert result["passed"] and result["executorch"]["agreement"] >= 99.9
-    if name == "adder-int8":
-        assert result["executorch"]["max_abs_logit_diff"] < 1e-3
 
 
 @needs_executorch

@@ -114,14 +114,16 @@ const Packed<E>& packed(const E* w, const Geometry& g, int nr, int unit, int ste
 // T::V vector of T::W floats; T::accum(acc, x, w) adds |x − w| or, where T::kMaxTrick, max(x, w):
 // Σ|x − w| = 2·Σmax(x, w) − Σx − Σw, two instructions per pair instead of three.
 
-template <class T, int MR, int NV>
+// KW: the kernel width when fixed at compile time (3: the run loop unrolls), 0 for any width `kw`.
+template <class T, int MR, int NV, int KW>
 void tile_f32(const float* const (&rows)[MR], const std::vector<int>& offsets, int kw, const float* wb,
               float* acc_out) {
   typename T::V acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) acc[r][j] = T::zero();
+  const int width = KW ? KW : kw;
   for (const int off : offsets)
-    for (int t = 0; t < kw; ++t, wb += NV * T::W) {
+    for (int t = 0; t < width; ++t, wb += NV * T::W) {
       typename T::V w[NV];
       for (int j = 0; j < NV; ++j) w[j] = T::load(wb + j * T::W);
       for (int r = 0; r < MR; ++r) {
@@ -170,7 +172,11 @@ void adder_f32(const float* x, int n, const Geometry& g, const float* wt, float*
     for (int l0 = 0; l0 < L; l0 += MR) {
       origins<MR>(xp.data(), g, 1, l0, oy, ox, rows);
       for (int blk = 0; blk < blocks; ++blk) {
-        tile_f32<T, MR, NV>(rows, offsets, g.kw, &pw.data[static_cast<size_t>(blk) * g.c * g.kh * g.kw * NR], acc);
+        const float* wb = &pw.data[static_cast<size_t>(blk) * g.c * g.kh * g.kw * NR];
+        if (g.kw == 3)
+          tile_f32<T, MR, NV, 3>(rows, offsets, g.kw, wb, acc);
+        else
+          tile_f32<T, MR, NV, 0>(rows, offsets, g.kw, wb, acc);
         for (int j = 0; j < NR && blk * NR + j < g.o; ++j) {
           const int o = blk * NR + j;
           float* yo = yb + static_cast<size_t>(o) * L + l0;
@@ -260,19 +266,13 @@ void adder_q8(const float* x, int n, const Geometry& g, const uint8_t* wt, const
               int zero_point, float* y) {
   const size_t chw = static_cast<size_t>(g.c) * g.h * g.w, L = g.L();
   const float inv = 1.0f / scale, zp = static_cast<float>(zero_point);
-  const int hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
-  auto fill = [&](int b, int cp, std::vector<uint8_t>& xp) {
-    xp.assign(static_cast<size_t>(hp) * wp * cp, uint8_t{0});
-    for (int yy = 0; yy < hp; ++yy)
-      for (int xx = 0; xx < wp; ++xx)
-        if (yy < g.ph || yy >= g.ph + g.h || xx < g.pw || xx >= g.pw + g.w)
-          std::fill_n(&xp[(static_cast<size_t>(yy) * wp + xx) * cp], g.c, static_cast<uint8_t>(zero_point));
-    for (int ci = 0; ci < g.c; ++ci)
-      for (int yy = 0; yy < g.h; ++yy) {
-        const float* src = x + b * chw + (static_cast<size_t>(ci) * g.h + yy) * g.w;
-        uint8_t* dst = &xp[(static_cast<size_t>(yy + g.ph) * wp + g.pw) * cp + ci];
-        for (int xx = 0; xx < g.w; ++xx) dst[static_cast<size_t>(xx) * cp] = quantize(src[xx], inv, zp);
-      }
+  thread_local std::vector<uint8_t> codes;
+  codes.resize(chw);
+  auto fill = [&](int b, int cp, std::vector<uint8_t>& xp) {  // quantize contiguously (vectorised), then lay out
+    const float* xb = x + b * chw;
+    uint8_t* q = codes.data();
+    for (size_t i = 0; i < chw; ++i) q[i] = quantize(xb[i], inv, zp);
+    to_padded_hwc(q, g, cp, static_cast<uint8_t>(zero_point), xp);
   };
   adder_u8<T, MR, NV>(n, g, wt, fill, [&](int b, int o, int l0, int count, const int32_t* sums, int stride) {
     float* yo = y + (static_cast<size_t>(b) * g.o + o) * L + l0;
