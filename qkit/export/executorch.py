@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import Counter
 import logging
 import os
 import sys
@@ -224,13 +225,13 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     left = sum(1 for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE))
     delegates = sum(1 for n in graph.nodes if "executorch_call_delegate" in str(n.target))
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantWeightLayer, Int8WeightLayer))]
-    own = [_qkit_op(n) for n in graph.nodes if _qkit_op(n)]
+    own = Counter(op for n in graph.nodes if (op := _qkit_op(n)))
     path.write_bytes(edge.to_executorch().buffer)
     report = {"backend": "XnnpackBackend", "delegate_calls": delegates, "compute_nodes": len(layers),
               "compute_delegated": len(layers) - left,
               "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
     if own:  # layers on qkit's own kernels: an app links libqkit_adder_executorch.so beside the runtime
-        report["qkit_kernels"] = {op: own.count(op) for op in sorted(set(own))}
+        report["qkit_kernels"] = dict(sorted(own.items()))
     return report
 
 

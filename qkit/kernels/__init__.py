@@ -49,10 +49,12 @@ def _open(path: Path, mode: int = 0) -> ctypes.CDLL:
     return _loaded[str(path)]
 
 
-def missing() -> str | None:
-    """Why the kernel library cannot be used here (None: it can)."""
-    if not library().exists():
-        return f"the adder kernels are not built ({library()} is missing: run `python -m qkit.kernels.build`)"
+def missing(path: Path | None = None) -> str | None:
+    """Why the kernel library ``path`` (default: the C ABI one, :func:`library`) cannot be used here; None: it
+    can."""
+    path = path or library()
+    if not path.exists():
+        return f"the adder kernels are not built ({path} is missing: run `python -m qkit.kernels.build`)"
     return None
 
 
@@ -111,8 +113,8 @@ def adder_q8(x: np.ndarray, w: np.ndarray, excess: np.ndarray, scale: float, zer
 def load_executorch() -> str | None:
     """Register the adder operators into ExecuTorch's runtime (once per process); why not, or None."""
     path = executorch_library()
-    if not path.exists():
-        return f"the adder kernels for ExecuTorch are not built ({path} is missing: run `python -m qkit.kernels.build`)"
+    if why := missing(path):
+        return why
     import executorch.extension.pybindings.portable_lib  # noqa: F401  (loads the runtime this library joins)
 
     if not _open(path, ctypes.RTLD_GLOBAL).qkit_adder_executorch_registered():

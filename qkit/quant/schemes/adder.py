@@ -103,9 +103,7 @@ class AdderScheme(Scheme):
         return AdderDeploy(m, m.quant_weight().detach(), mult, bias * mult + shift, grid)
 
     def executorch(self, recipe) -> str | None:
-        from qkit.kernels import executorch_library
+        from qkit.kernels import executorch_library, missing
 
-        if not executorch_library().exists():
-            return ("AdderNet runs on qkit's own SAD kernel, which is not built here "
-                    "(python -m qkit.kernels.build needs a C++ compiler)")
-        return None
+        why = missing(executorch_library())
+        return f"AdderNet runs on qkit's own SAD kernel: {why}" if why else None
