@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkit import kernels
-from qkit.kernels.selftest import check
+from qkit.kernels.selftest import check, requant
 
 pytestmark = pytest.mark.skipif(kernels.missing() is not None, reason=str(kernels.missing()))
 REPO = Path(__file__).resolve().parents[1]
@@ -32,13 +32,14 @@ def layers(draw):
 @settings(max_examples=40, deadline=None)
 @given(layers())
 def test_every_simd_path_equals_the_reference_on_random_layers(layer):
-    """Raw uint8 sums and the float-in adder-int8 layer exactly, the float layer to rounding."""
+    """Raw uint8 sums and the int8 adder-int8 layer exactly (NCHW and channels-last), the float layer to
+    rounding."""
     rng = np.random.default_rng(layer["seed"])
     xshape, wshape = (layer["n"], layer["c"], layer["h"], layer["w"]), (layer["o"], layer["c"], layer["kh"], layer["kw"])
     case = {"xu": rng.integers(0, 256, xshape, dtype=np.uint8), "wu": rng.integers(0, 256, wshape, dtype=np.uint8),
             "x": rng.standard_normal(xshape).astype(np.float32), "w": rng.standard_normal(wshape).astype(np.float32),
-            "pad": int(rng.integers(0, 256)), "stride": layer["stride"], "padding": layer["padding"],
-            "scale": float(rng.uniform(0.001, 0.5)), "excess": rng.integers(0, 5000, layer["o"]).astype(np.int32)}
+            "pad": int(rng.integers(0, 256)), "stride": layer["stride"], "padding": layer["padding"]}
+    case |= requant(rng, case)
     assert len(kernels.isas()) >= 2  # the portable path and at least SSE2 (x86) or NEON (ARM64)
     for isa in kernels.isas():
         wrong, float_error = check(case, isa)
@@ -84,5 +85,61 @@ def test_integer_operator_equals_the_deploy_layer_including_weights_beyond_the_i
     deploy = AdderDeploy(layer, weight.float(), torch.rand(10) + 0.5, torch.randn(10), grid=(step, zero_point))
     x = ((torch.randint(0, 256, (2, 6, 9, 9)) - zero_point) * step).float()
     kernel = AdderKernel(deploy)
-    assert kernel.weight.dtype == torch.uint8 and int(kernel.excess.max()) > 0
+    assert kernel.weight.dtype == torch.uint8 and (int(kernel.weight.min()), int(kernel.weight.max())) == (0, 255)
     torch.testing.assert_close(kernel(x), deploy(x), rtol=1e-6, atol=1e-3)
+    out = kernel(x.to(memory_format=torch.channels_last))  # how a .pte hands it over: same values, same layout
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, deploy(x), rtol=1e-6, atol=1e-3)
+
+
+class _GridLayer(torch.nn.Module):
+    """An adder-int8 layer as the export sees it: the input quantizer's Q/DQ, the float stand-in, then (when
+    ``out``) a ReLU and the next layer's quantizer."""
+
+    def __init__(self, out: bool = True) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.out = out
+        self.register_buffer("weight", torch.randint(0, 256, (12, 5, 3, 3), generator=gen, dtype=torch.uint8))
+        # y = α·SAD + β around 0 with a spread of some ten output steps (SAD of random codes: ≈ 85 per tap)
+        self.register_buffer("alpha", -0.002 * (torch.rand(12, generator=gen) + 0.5))
+        self.register_buffer("beta", -self.alpha * 85 * 45 + 0.3 * torch.randn(12, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        x = qd.dequantize_per_tensor(qd.quantize_per_tensor(x, 0.05, -28, -128, 127, torch.int8), 0.05, -28, -128,
+                                     127, torch.int8)
+        y = torch.ops.qkit.adder2d_grid(x, self.weight, self.alpha, self.beta, 0.05, 100, [1, 1], [1, 1])
+        if not self.out:
+            return y
+        q = qd.quantize_per_tensor(torch.relu(y), 0.07, -5, -128, 127, torch.int8)
+        return qd.dequantize_per_tensor(q, 0.07, -5, -128, 127, torch.int8)
+
+
+def test_lowering_to_int8_codes_keeps_the_layers_answers():
+    """dequantize → adder2d_grid → relu → quantize becomes one adder2d_q8 on the codes; the codes it gives are
+    the float chain's except where its rounding of (α·SAD + β)/s lands on the other side of a tie."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+    from qkit.kernels.ops import to_codes
+
+    x = ((torch.randint(0, 256, (4, 5, 9, 9)) - 100) * 0.05).to(memory_format=torch.channels_last)  # every code
+    ep = torch.export.export(_GridLayer().eval(), (x,))
+    before = ep.module()(x)
+    to_codes(ep)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count("qkit.adder2d_q8.default") == 1 and not any("grid" in t or "relu" in t for t in targets)
+    after = ep.module()(x)
+    same = (after == before).float().mean().item()
+    assert same > 0.999 and (after - before).abs().max().item() <= 0.07 + 1e-6
+    assert 0.05 < (before == 0).float().mean() < 0.95  # the ReLU's floor (the output zero point) is reached
+    assert before.unique().numel() > 20
+
+
+def test_an_adder_int8_layer_without_a_quantizer_after_it_is_refused_in_one_line():
+    from qkit.errors import QkitError
+    from qkit.kernels.ops import to_codes
+
+    ep = torch.export.export(_GridLayer(out=False).eval(), (torch.randn(1, 5, 9, 9),))
+    with pytest.raises(QkitError, match="not between two 8-bit quantizers"):
+        to_codes(ep)

@@ -41,7 +41,7 @@ def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
 
 @needs_executorch
 @pytest.mark.skipif(kernels.missing() is not None, reason=str(kernels.missing()))
-@pytest.mark.parametrize("name, op", [("adder", "qkit::adder2d"), ("adder-int8", "qkit::adder2d_u8")])
+@pytest.mark.parametrize("name, op", [("adder", "qkit::adder2d"), ("adder-int8", "qkit::adder2d_q8")])
 def test_adder_pte_runs_its_layer_on_qkits_sad_kernel(mobile, name, op):
     """lenet5's one adder layer is a call of qkit's own operator, the rest delegated to XNNPACK, and the .pte
     gives PyTorch's answers (its integer layer is exact, tests/test_adder_kernels.py; the logits still differ

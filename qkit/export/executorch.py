@@ -135,8 +135,8 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
         elif hasattr(m, "for_executorch"):  # a scheme's layer with a kernel of its own (AdderNet's SAD)
             set_module(gm, node.target, m.for_executorch())
     for node in list(gm.graph.nodes):
-        if is_move(node, gm) and any(u.op == "call_module" and isinstance(gm.get_submodule(u.target),
-                                                                          Int8WeightLayer) for u in node.users):
+        if is_move(node, gm) and any(u.op == "call_module" and _takes_codes(gm.get_submodule(u.target))
+                                     for u in node.users):
             src = source(node.args[0], gm)
             if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(gm.get_submodule(src.target),
                                                                                      Int8Act):
@@ -152,6 +152,11 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _takes_codes(m: nn.Module) -> bool:
+    """A layer whose kernel reads its input's int8 codes: an int8 conv/linear, or a scheme's integer kernel."""
+    return isinstance(m, Int8WeightLayer) or getattr(m, "integer_io", False)
 
 
 def _act_of(node: object, gm: fx.GraphModule) -> "Int8Act | None":
@@ -217,9 +222,16 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     from executorch.exir import to_edge_transform_and_lower
 
     model = for_executorch(deploy) if isinstance(deploy, fx.GraphModule) else deploy
+    integer_io = any(getattr(m, "integer_io", False) for m in model.modules())
+    if integer_io:
+        model = _ChannelsLast(model)
     with torch.no_grad():
         ep = torch.export.export(model.eval(), (torch.zeros(1, *input_shape, dtype=getattr(torch, recipe.dtype)),))
     _one_dequantize_per_user(ep)
+    if integer_io:
+        from qkit.kernels.ops import to_codes
+
+        to_codes(ep)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
     left = sum(1 for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE))
@@ -233,6 +245,20 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     if own:  # layers on qkit's own kernels: an app links libqkit_adder_executorch.so beside the runtime
         report["qkit_kernels"] = dict(sorted(own.items()))
     return report
+
+
+class _ChannelsLast(nn.Module):
+    """The model on a channels-last copy of its (NCHW) input, for layers whose kernel works channels-last (int8
+    codes in and out): the memory format then flows through every op, XNNPACK's partitions hand tensors over in
+    it (they compute NHWC anyway), and nothing is transposed between them and the kernel. XNNPACK runs the one
+    conversion."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(memory_format=torch.channels_last))
 
 
 def _qkit_op(node: fx.Node) -> str | None:

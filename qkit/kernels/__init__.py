@@ -3,7 +3,7 @@
 No runtime has an L1-distance kernel, so an adder layer in standard operators (Sub → Abs → ReduceSum) is
 memory-bound. ``qkit/kernels/adder`` is a small C++ library with SIMD paths for x86 (SSE2/AVX2/AVX-512BW
 ``PSADBW``) and ARM64 NEON (``UABD``/``UADALP``) beside a portable one, built from source on install
-(:mod:`qkit.kernels.build`). ExecuTorch loads it as the operators ``qkit::adder2d`` and ``qkit::adder2d_u8``
+(:mod:`qkit.kernels.build`). ExecuTorch loads it as the operators ``qkit::adder2d`` and ``qkit::adder2d_q8``
 (:mod:`qkit.kernels.ops`).
 
 This module needs only numpy and ctypes (the tests also load it into the emulated ARM64 python).
@@ -64,23 +64,26 @@ def isas(path: Path | None = None) -> list[str]:
     return [name for i, name in enumerate(ISAS) if bits >> i & 1]
 
 
-def _shape(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[Shape, tuple]:
-    n, c, h, wd = x.shape
+def _shape(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple[int, int],
+           nhwc: bool) -> tuple[Shape, tuple]:
+    n, c, h, wd = (x.shape[0], x.shape[3], x.shape[1], x.shape[2]) if nhwc else x.shape
     o, c2, kh, kw = w.shape
     if c != c2:
         raise ValueError(f"input has {c} channels, weights {c2}")
     oh, ow = (h + 2 * padding[0] - kh) // stride[0] + 1, (wd + 2 * padding[1] - kw) // stride[1] + 1
-    return Shape(c, h, wd, o, kh, kw, *stride, *padding), (n, o, oh, ow)
+    return Shape(c, h, wd, o, kh, kw, *stride, *padding), ((n, oh, ow, o) if nhwc else (n, o, oh, ow))
 
 
 def _call(fn_name: str, x: np.ndarray, w: np.ndarray, extra: tuple, out_dtype, stride, padding, isa: str,
-          path: Path | None) -> np.ndarray:
-    shape, out_shape = _shape(x, w, stride, padding)
+          path: Path | None, nhwc: bool | None = None) -> np.ndarray:
+    """``nhwc``: None for the float path (NCHW only), else the uint8 paths' layout flag."""
+    shape, out_shape = _shape(x, w, stride, padding, bool(nhwc))
     y = np.empty(out_shape, out_dtype)
     code = BEST if isa == "best" else ISAS.index(isa)
     fn = getattr(_open(path or library()), fn_name)
+    layout = () if nhwc is None else (ctypes.c_int(int(nhwc)),)
     ok = fn(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(x.shape[0]), ctypes.byref(shape),
-            w.ctypes.data_as(ctypes.c_void_p), *extra, y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(code))
+            w.ctypes.data_as(ctypes.c_void_p), *extra, *layout, y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(code))
     if ok != 0:
         raise ValueError(f"the {isa} path is not available on this CPU")
     return y
@@ -94,20 +97,24 @@ def adder_f32(x: np.ndarray, w: np.ndarray, stride=(1, 1), padding=(0, 0), isa: 
 
 
 def adder_u8(x: np.ndarray, w: np.ndarray, pad: int, stride=(1, 1), padding=(0, 0), isa: str = "best",
-             path: Path | None = None) -> np.ndarray:
-    """Σ|x − w| (int32, exact) over uint8 codes; padded pixels hold the code ``pad`` (the zero point)."""
+             path: Path | None = None, nhwc: bool = False) -> np.ndarray:
+    """Σ|x − w| (int32, exact) over uint8 codes; padded pixels hold the code ``pad`` (the zero point).
+    ``nhwc``: x and the result are channels-last (N, H, W, C) arrays."""
     x, w = np.ascontiguousarray(x, np.uint8), np.ascontiguousarray(w, np.uint8)
-    return _call("qkit_adder_u8", x, w, (ctypes.c_uint8(pad),), np.int32, stride, padding, isa, path)
+    return _call("qkit_adder_u8", x, w, (ctypes.c_uint8(pad),), np.int32, stride, padding, isa, path, nhwc)
 
 
-def adder_q8(x: np.ndarray, w: np.ndarray, excess: np.ndarray, scale: float, zero_point: int, stride=(1, 1),
-             padding=(0, 0), isa: str = "best", path: Path | None = None) -> np.ndarray:
-    """The adder-int8 layer: x (float32 on the grid scale·(q − zero_point)) to codes q, then
-    y = −scale·(Σ|q − w| + excess[o]) over uint8 weight codes ``w`` (what the ``.pte`` operator runs)."""
-    x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.uint8)
-    excess = np.ascontiguousarray(excess, np.int32)
-    extra = (excess.ctypes.data_as(ctypes.c_void_p), ctypes.c_float(scale), ctypes.c_int(zero_point))
-    return _call("qkit_adder_q8", x, w, extra, np.float32, stride, padding, isa, path)
+def adder_q8(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, beta: np.ndarray, zero_point: int, out_scale: float,
+             out_zero_point: int, out_min: int = -128, stride=(1, 1), padding=(0, 0), isa: str = "best",
+             path: Path | None = None, nhwc: bool = False) -> np.ndarray:
+    """The adder-int8 layer the ``.pte`` operator runs, int8 codes in and out: x + 128 are codes on the uint8
+    grid of the weight codes ``w`` (zero point ``zero_point``), y = alpha[o]·Σ|x + 128 − w| + beta[o] (float64,
+    rounded once to float32), out = clamp(round(y·(1/out_scale)) + out_zero_point, out_min, 127)."""
+    x, w = np.ascontiguousarray(x, np.int8), np.ascontiguousarray(w, np.uint8)
+    alpha, beta = np.ascontiguousarray(alpha, np.float32), np.ascontiguousarray(beta, np.float32)
+    extra = (alpha.ctypes.data_as(ctypes.c_void_p), beta.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(zero_point),
+             ctypes.c_double(out_scale), ctypes.c_int(out_zero_point), ctypes.c_int(out_min))
+    return _call("qkit_adder_q8", x, w, extra, np.int8, stride, padding, isa, path, nhwc)
 
 
 def load_executorch() -> str | None:

@@ -31,31 +31,60 @@ def random_case(rng: np.random.Generator) -> dict:
         o, kh, kw, sh, sw, ph, pw = (int(v) for v in rng.integers([1, 1, 1, 1, 1, 0, 0], [70, 4, 4, 3, 3, 2, 2]))
         if h + 2 * ph >= kh and w + 2 * pw >= kw:
             break
-    return {"x": rng.standard_normal((n, c, h, w)).astype(np.float32),
+    case = {"x": rng.standard_normal((n, c, h, w)).astype(np.float32),
             "w": rng.standard_normal((o, c, kh, kw)).astype(np.float32),
             "xu": rng.integers(0, 256, (n, c, h, w), dtype=np.uint8),
             "wu": rng.integers(0, 256, (o, c, kh, kw), dtype=np.uint8),
-            "pad": int(rng.integers(0, 256)), "stride": (sh, sw), "padding": (ph, pw),
-            "scale": float(rng.uniform(0.001, 0.5)), "excess": rng.integers(0, 5000, o).astype(np.int32)}
+            "pad": int(rng.integers(0, 256)), "stride": (sh, sw), "padding": (ph, pw)}
+    return case | requant(rng, case)
+
+
+def requant(rng: np.random.Generator, case: dict) -> dict:
+    """The adder-int8 operator's per-filter alpha (−step·BN multiplier) and beta, and its output grid, scaled on
+    the case's own sums so that most outputs land inside the int8 range (as a trained layer's do)."""
+    sad = reference(case["xu"], case["wu"], case["stride"], case["padding"], case["pad"])
+    mean, spread = sad.mean(axis=(0, 2, 3)), np.maximum(sad.std(axis=(0, 2, 3)), 1.0)
+    out_scale = float(rng.uniform(0.05, 2.0))
+    alpha = rng.choice([-1.0, 1.0], len(mean)) * rng.uniform(0.5, 2.0, len(mean)) * 40 * out_scale / spread
+    beta = -alpha * mean + rng.normal(0, 20 * out_scale, len(mean))
+    return {"alpha": alpha.astype(np.float32), "beta": beta.astype(np.float32), "out_scale": out_scale,
+            "out_zero_point": int(rng.integers(-64, 64)), "relu": bool(rng.integers(0, 2))}
 
 
 def expected_q8(case: dict) -> np.ndarray:
-    """The adder-int8 layer on the codes xu of the float input (xu − pad)·scale: −scale·(SAD + excess)."""
-    sad = reference(case["xu"], case["wu"], case["stride"], case["padding"], case["pad"]).astype(np.int64)
-    return np.float32(-case["scale"]) * (sad + case["excess"][None, :, None, None]).astype(np.float32)
+    """The adder-int8 layer on int8 codes xu − 128 with the output grid's QuantizeLinear, one float32 rounding
+    per operation: clamp(round((alpha·SAD + beta)·(1/out_scale)) + out_zero_point, out_min, 127)."""
+    sad = reference(case["xu"], case["wu"], case["stride"], case["padding"], case["pad"]).astype(np.float32)
+    alpha, beta = (case[k][None, :, None, None] for k in ("alpha", "beta"))
+    v = (alpha * sad + beta) * np.float32(1.0 / case["out_scale"])
+    return np.clip(np.round(v) + case["out_zero_point"], _out_min(case), 127).astype(np.int8)
+
+
+def _out_min(case: dict) -> int:
+    return case["out_zero_point"] if case["relu"] else -128
+
+
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
 
 
 def check(case: dict, isa: str, library: Path | None = None) -> tuple[int, float]:
-    """(integer-grid results that differ from the reference: raw sums and the float-in layer; largest float
-    error relative to the layer's scale)."""
+    """(integer-grid results that differ from the reference: raw sums and the int8 layer, NCHW and
+    channels-last; largest float error relative to the layer's scale)."""
     s, p = case["stride"], case["padding"]
-    u8 = kernels.adder_u8(case["xu"], case["wu"], case["pad"], s, p, isa, library)
-    ref_u8 = reference(case["xu"], case["wu"], s, p, case["pad"])
-    x_grid = (case["xu"].astype(np.float32) - case["pad"]) * np.float32(case["scale"])
-    q8 = kernels.adder_q8(x_grid, case["wu"], case["excess"], case["scale"], case["pad"], s, p, isa, library)
+    ref_u8, ref_q8 = reference(case["xu"], case["wu"], s, p, case["pad"]), expected_q8(case)
+    codes = (case["xu"].astype(np.int16) - 128).astype(np.int8)
+    q8 = dict(w=case["wu"], alpha=case["alpha"], beta=case["beta"], zero_point=case["pad"],
+              out_scale=case["out_scale"], out_zero_point=case["out_zero_point"], out_min=_out_min(case), stride=s,
+              padding=p, isa=isa, path=library)
+    assert (np.abs(ref_q8.astype(int)) < 127).mean() > 0.5, "the case saturates: it would test little"
+    wrong = 0
+    for nhwc in (False, True):
+        to = _nhwc if nhwc else (lambda a: a)
+        u8 = kernels.adder_u8(to(case["xu"]), case["wu"], case["pad"], s, p, isa, library, nhwc=nhwc)
+        wrong += int((u8 != to(ref_u8)).sum()) + int((kernels.adder_q8(to(codes), nhwc=nhwc, **q8) != to(ref_q8)).sum())
     f32 = kernels.adder_f32(case["x"], case["w"], s, p, isa, library)
     ref = -reference(case["x"], case["w"], s, p)
-    wrong = int((u8 != ref_u8).sum()) + int((q8 != expected_q8(case)).sum())
     return wrong, float(np.abs(f32 - ref).max() / max(1.0, np.abs(ref).max()))
 
 

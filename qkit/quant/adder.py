@@ -95,15 +95,22 @@ class Adder2d(nn.Module):
 
     def input_grid(self) -> tuple[torch.Tensor, int]:
         """(step, zero point) of the input's integer grid, as the quantizer evaluates them."""
+        zero_point = self._input_quant().act_quant.zero_point()
+        return self.input_step(), round(float(zero_point)) if zero_point is not None else 0
+
+    def input_step(self) -> torch.Tensor:
+        """The input grid's step alone: what training needs every step (no zero point, no host sync)."""
+        return self._input_quant().act_quant.scale().detach().reshape(())
+
+    def _input_quant(self) -> nn.Module:
         quant = getattr(self, "input_quant", None)
         if quant is None:
             raise QkitError("an 8-bit Adder2d needs the activation quantizer in front of it: prepare the model "
                             "with qkit.quantize(model, 'adder-int8')")
-        zero_point = quant.act_quant.zero_point()
-        return quant.act_quant.scale().detach().reshape(()), round(float(zero_point)) if zero_point is not None else 0
+        return quant
 
     def quant_weight(self) -> torch.Tensor:
-        return grid_weight(self.weight, self.input_grid()[0]) if self.weight_bits <= 8 else self.weight
+        return grid_weight(self.weight, self.input_step()) if self.weight_bits <= 8 else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape

@@ -40,24 +40,6 @@ inline Geometry geometry(const qkit_adder_shape* s) {
 
 inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
 
-// One image, NCHW → padded HWC with cp ≥ c channels: `pad` around the image, 0 in channels c..cp−1.
-template <class E>
-void to_padded_hwc(const E* x, const Geometry& g, int cp, E pad, std::vector<E>& out) {
-  const int hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
-  out.assign(static_cast<size_t>(hp) * wp * cp, E{0});
-  if (pad != E{0})
-    for (int y = 0; y < hp; ++y)
-      for (int xx = 0; xx < wp; ++xx)
-        if (y < g.ph || y >= g.ph + g.h || xx < g.pw || xx >= g.pw + g.w)
-          std::fill_n(&out[(static_cast<size_t>(y) * wp + xx) * cp], g.c, pad);
-  for (int ci = 0; ci < g.c; ++ci)  // contiguous reads, stores cp apart
-    for (int y = 0; y < g.h; ++y) {
-      const E* src = x + (static_cast<size_t>(ci) * g.h + y) * g.w;
-      E* dst = &out[(static_cast<size_t>(y + g.ph) * wp + g.pw) * cp + ci];
-      for (int xx = 0; xx < g.w; ++xx) dst[static_cast<size_t>(xx) * cp] = src[xx];
-    }
-}
-
 // Patch origins of output pixels l0..l0+MR−1 in row-major order, stepped without divisions; pixels past the
 // last repeat it (computed, never stored). `oy`/`ox` are pixel l0's and come back as pixel l0 + MR's.
 template <int MR, class E>
@@ -193,6 +175,9 @@ void adder_f32(const float* x, int n, const Geometry& g, const float* wt, float*
 // ---- uint8 -------------------------------------------------------------------------------------------------
 // T::W filters per vector, 8 bytes of each; T::xload broadcasts 8 patch bytes, T::accum adds Σ|x − w| per
 // filter, T::store writes T::W int32 sums.
+// Input and output are NCHW or channels-last (NHWC). Channels-last is the kernel's own working layout, so there
+// it reads rows and writes pixels as contiguous runs; an ExecuTorch graph exported channels-last (what
+// write_pte does for these layers) hands tensors over that way, with no transposition on either side.
 
 template <class T, int MR, int NV>
 void tile_u8(const uint8_t* const (&rows)[MR], int kh, int groups, int row_stride, const uint8_t* wb, int32_t* acc_out) {
@@ -214,17 +199,64 @@ void tile_u8(const uint8_t* const (&rows)[MR], int kh, int groups, int row_strid
     for (int j = 0; j < NV; ++j) T::store(acc_out + (r * NV + j) * T::W, acc[r][j]);
 }
 
-// QuantizeLinear of one value: clamp(round(x·inv) + zp, 0, 255), rounding half to even by the 1.5·2^23 trick
-// (exact for |v| < 2^22, which the clamp ensures). Branch-free, so the loops around it vectorise.
-inline uint8_t quantize(float x, float inv, float zp) {
-  const float v = std::min(std::max(x * inv, -1.0f - zp), 256.0f - zp);
-  return static_cast<uint8_t>(static_cast<int>(std::min(std::max((v + 12582912.0f) - 12582912.0f + zp, 0.0f), 255.0f)));
+// One image as padded channels-last codes: `pad` around it, 0 in channels c..cp−1 (|0 − 0| = 0); `code(v)` maps an
+// input value to its code.
+template <class E, class Code>
+void padded_hwc(const E* x, bool nhwc, const Geometry& g, int cp, uint8_t pad, Code code, std::vector<uint8_t>& out) {
+  const int hp = g.h + 2 * g.ph, wp = g.w + 2 * g.pw;
+  out.assign(static_cast<size_t>(hp) * wp * cp, 0);
+  if (pad != 0)
+    for (int y = 0; y < hp; ++y)
+      for (int xx = 0; xx < wp; ++xx)
+        if (y < g.ph || y >= g.ph + g.h || xx < g.pw || xx >= g.pw + g.w)
+          std::fill_n(&out[(static_cast<size_t>(y) * wp + xx) * cp], g.c, pad);
+  const int h = g.h, w = g.w, c = g.c, run = w * c;  // locals: the uint8 stores may alias anything in memory
+  for (int y = 0; y < h; ++y) {
+    uint8_t* dst = &out[(static_cast<size_t>(y + g.ph) * wp + g.pw) * cp];
+    if (nhwc && cp == c) {  // the image row is one contiguous run
+      const E* src = x + static_cast<size_t>(y) * run;
+      for (int i = 0; i < run; ++i) dst[i] = code(src[i]);
+    } else if (nhwc) {
+      for (int xx = 0; xx < w; ++xx)
+        for (int ci = 0; ci < c; ++ci) dst[xx * cp + ci] = code(x[(static_cast<size_t>(y) * w + xx) * c + ci]);
+    } else {  // NCHW: contiguous reads, stores cp apart
+      for (int ci = 0; ci < c; ++ci) {
+        const E* src = x + (static_cast<size_t>(ci) * h + y) * w;
+        for (int xx = 0; xx < w; ++xx) dst[xx * cp + ci] = code(src[xx]);
+      }
+    }
+  }
 }
 
-// `fill(b, cp, xp)` writes image b as padded channels-last codes; `emit(b, o, l0, count, sums, stride)` takes
-// the sums of filter o at pixels l0..l0+count−1 (sums[r·stride]).
-template <class T, int MR, int NV, class Fill, class Emit>
-void adder_u8(int n, const Geometry& g, const uint8_t* wt, Fill fill, Emit emit) {
+// `value(o, sum)` of a tile's sums (acc[r·NR + j]: pixel l0 + r, filter o0 + j) into image output yb.
+template <int NR, class Out, class Value>
+void store_tile(Out* yb, bool nhwc, const Geometry& g, int l0, int count, int o0, const int32_t* acc, Value value) {
+  const int filters = std::min(NR, g.o - o0);
+  if (nhwc && filters == NR) {  // a full run of filters per pixel: compile-time width, through locals (no
+    decltype(value(0, 0)) v[NR];  // aliasing with what `value` reads; values at their own width), vectorised
+    Out run[NR];
+    for (int r = 0; r < count; ++r) {
+      for (int j = 0; j < NR; ++j) v[j] = value(o0 + j, acc[r * NR + j]);
+      for (int j = 0; j < NR; ++j) run[j] = static_cast<Out>(v[j]);
+      std::memcpy(yb + static_cast<size_t>(l0 + r) * g.o + o0, run, sizeof run);
+    }
+  } else if (nhwc) {
+    for (int r = 0; r < count; ++r) {
+      Out* px = yb + static_cast<size_t>(l0 + r) * g.o + o0;
+      for (int j = 0; j < filters; ++j) px[j] = static_cast<Out>(value(o0 + j, acc[r * NR + j]));
+    }
+  } else {
+    for (int j = 0; j < filters; ++j) {
+      Out* plane = yb + static_cast<size_t>(o0 + j) * g.L() + l0;
+      for (int r = 0; r < count; ++r) plane[r] = static_cast<Out>(value(o0 + j, acc[r * NR + j]));
+    }
+  }
+}
+
+// The uint8 layer: input values → codes (`code`), sums of |code − weight code|, `value(o, sum)` → output.
+template <class T, int MR, int NV, class In, class Out, class Code, class Value>
+void adder_u8(const In* x, int n, bool nhwc, const Geometry& g, const uint8_t* wt, uint8_t pad, Code code,
+              Value value, Out* y) {
   constexpr int NR = NV * T::W;
   const int cp = round_up(g.c, 8), L = g.L(), wp = g.w + 2 * g.pw, groups = g.kw * cp / 8;
   const int blocks = round_up(g.o, NR) / NR;
@@ -233,51 +265,46 @@ void adder_u8(int n, const Geometry& g, const uint8_t* wt, Fill fill, Emit emit)
   thread_local std::vector<uint8_t> xp;
   alignas(64) int32_t acc[MR * NR];
   for (int b = 0; b < n; ++b) {
-    fill(b, cp, xp);
+    padded_hwc(x + static_cast<size_t>(b) * g.c * g.h * g.w, nhwc, g, cp, pad, code, xp);
+    Out* yb = y + static_cast<size_t>(b) * g.o * L;
     const uint8_t* rows[MR];
     int oy = 0, ox = 0;
     for (int l0 = 0; l0 < L; l0 += MR) {
       origins<MR>(xp.data(), g, cp, l0, oy, ox, rows);
-      const int count = std::min(MR, L - l0);
       for (int blk = 0; blk < blocks; ++blk) {
         tile_u8<T, MR, NV>(rows, g.kh, groups, wp * cp, &pw.data[static_cast<size_t>(blk) * g.kh * groups * NR * 8], acc);
-        for (int j = 0; j < NR && blk * NR + j < g.o; ++j) emit(b, blk * NR + j, l0, count, acc + j, NR);
+        store_tile<NR>(yb, nhwc, g, l0, std::min(MR, L - l0), blk * NR, acc, value);
       }
     }
   }
 }
 
-// Raw sums of absolute differences over uint8 codes (NCHW in, int32 out).
+// Raw sums of absolute differences over uint8 codes (int32 out, exact).
 template <class T, int MR, int NV>
-void adder_u8_raw(const uint8_t* x, int n, const Geometry& g, const uint8_t* wt, uint8_t pad, int32_t* y) {
-  const size_t chw = static_cast<size_t>(g.c) * g.h * g.w, L = g.L();
-  adder_u8<T, MR, NV>(n, g, wt,
-      [&](int b, int cp, std::vector<uint8_t>& xp) { to_padded_hwc(x + b * chw, g, cp, pad, xp); },
-      [&](int b, int o, int l0, int count, const int32_t* sums, int stride) {
-        int32_t* yo = y + (static_cast<size_t>(b) * g.o + o) * L + l0;
-        for (int r = 0; r < count; ++r) yo[r] = sums[r * stride];
-      });
+void adder_u8_raw(const uint8_t* x, int n, const Geometry& g, const uint8_t* wt, uint8_t pad, bool nhwc, int32_t* y) {
+  adder_u8<T, MR, NV>(x, n, nhwc, g, wt, pad, [](uint8_t v) { return v; }, [](int, int32_t s) { return s; }, y);
 }
 
-// The adder-int8 layer from float input on the grid scale·(q − zp): quantize (into the padded layout), SAD,
-// y = −scale·(sad + excess[o]).
+// The adder-int8 layer on int8 codes in and out, as a .pte runs it between XNNPACK's quantized partitions: input
+// code q (uint8 code q + 128 on the weights' grid), then the layer y = α[o]·Σ|q + 128 − w| + β[o] (the
+// per-filter excess and the BatchNorm fold live in α, β) and the next layer's QuantizeLinear, each step one IEEE
+// float operation (the build turns contraction off; the NumPy reference repeats them):
+// clamp(round_half_even((α·sum + β)·inv) + out_zp, out_min, 127), inv = (float)(1/out_scale), out_min = out_zp
+// fusing a ReLU.
 template <class T, int MR, int NV>
-void adder_q8(const float* x, int n, const Geometry& g, const uint8_t* wt, const int32_t* excess, float scale,
-              int zero_point, float* y) {
-  const size_t chw = static_cast<size_t>(g.c) * g.h * g.w, L = g.L();
-  const float inv = 1.0f / scale, zp = static_cast<float>(zero_point);
-  thread_local std::vector<uint8_t> codes;
-  codes.resize(chw);
-  auto fill = [&](int b, int cp, std::vector<uint8_t>& xp) {  // quantize contiguously (vectorised), then lay out
-    const float* xb = x + b * chw;
-    uint8_t* q = codes.data();
-    for (size_t i = 0; i < chw; ++i) q[i] = quantize(xb[i], inv, zp);
-    to_padded_hwc(q, g, cp, static_cast<uint8_t>(zero_point), xp);
-  };
-  adder_u8<T, MR, NV>(n, g, wt, fill, [&](int b, int o, int l0, int count, const int32_t* sums, int stride) {
-    float* yo = y + (static_cast<size_t>(b) * g.o + o) * L + l0;
-    for (int r = 0; r < count; ++r) yo[r] = -scale * static_cast<float>(sums[r * stride] + excess[o]);
-  });
+void adder_q8(const int8_t* x, int n, const Geometry& g, const uint8_t* wt, const float* alpha, const float* beta,
+              int zero_point, double out_scale, int out_zero_point, int out_min, bool nhwc, int8_t* y) {
+  const float inv = static_cast<float>(1.0 / out_scale);
+  const float lo = static_cast<float>(out_min - out_zero_point), hi = static_cast<float>(127 - out_zero_point);
+  const int zp = out_zero_point;
+  adder_u8<T, MR, NV>(
+      x, n, nhwc, g, wt, static_cast<uint8_t>(zero_point), [](int8_t v) { return static_cast<uint8_t>(v + 128); },
+      [=](int o, int32_t sum) {
+        const float v = std::min(std::max((alpha[o] * static_cast<float>(sum) + beta[o]) * inv, lo), hi);
+        const float r = (v + 12582912.0f) - 12582912.0f;  // half to even by 1.5·2^23 (|v| ≤ 255 after the clamp)
+        return static_cast<int32_t>(r) + zp;               // in −128..127: stored as int8
+      },
+      y);
 }
 
 }  // namespace
@@ -288,10 +315,12 @@ void adder_q8(const float* x, int n, const Geometry& g, const uint8_t* wt, const
     adder_f32<TF, MRF, NVF>(x, n, geometry(s), w, y);                                                      \
   }                                                                                                        \
   void qkit_adder_u8_##NAME(const uint8_t* x, int n, const qkit_adder_shape* s, const uint8_t* w,          \
-                            uint8_t pad, int32_t* y) {                                                     \
-    adder_u8_raw<TU, MRU, NVU>(x, n, geometry(s), w, pad, y);                                              \
+                            uint8_t pad, int nhwc, int32_t* y) {                                           \
+    adder_u8_raw<TU, MRU, NVU>(x, n, geometry(s), w, pad, nhwc != 0, y);                                   \
   }                                                                                                        \
-  void qkit_adder_q8_##NAME(const float* x, int n, const qkit_adder_shape* s, const uint8_t* w,            \
-                            const int32_t* excess, float scale, int zero_point, float* y) {                \
-    adder_q8<TU, MRU, NVU>(x, n, geometry(s), w, excess, scale, zero_point, y);                            \
+  void qkit_adder_q8_##NAME(const int8_t* x, int n, const qkit_adder_shape* s, const uint8_t* w,           \
+                            const float* alpha, const float* beta, int zero_point, double out_scale,       \
+                            int out_zero_point, int out_min, int nhwc, int8_t* y) {                        \
+    adder_q8<TU, MRU, NVU>(x, n, geometry(s), w, alpha, beta, zero_point, out_scale, out_zero_point, out_min, \
+                           nhwc != 0, y);                                                                  \
   }

@@ -40,46 +40,44 @@ int resolve(int isa) {
 }
 }  // namespace
 
-extern "C" int qkit_adder_f32(const float* x, int n, const qkit_adder_shape* s, const float* w, float* y, int isa) {
-  switch (resolve(isa)) {
+// The path for `isa` of entry point NAME, or return −1 from the caller when this CPU lacks it.
 #if defined(__x86_64__)
-    case QKIT_SSE2: qkit_adder_f32_sse2(x, n, s, w, y); return 0;
-    case QKIT_AVX2: qkit_adder_f32_avx2(x, n, s, w, y); return 0;
-    case QKIT_AVX512BW: qkit_adder_f32_avx512(x, n, s, w, y); return 0;
-#elif defined(__aarch64__)
-    case QKIT_NEON: qkit_adder_f32_neon(x, n, s, w, y); return 0;
-#endif
-    case QKIT_PORTABLE: qkit_adder_f32_portable(x, n, s, w, y); return 0;
-    default: return -1;
+#define QKIT_PICK(NAME)                                          \
+  decltype(&NAME##_portable) path = nullptr;                     \
+  switch (resolve(isa)) {                                        \
+    case QKIT_SSE2: path = NAME##_sse2; break;                   \
+    case QKIT_AVX2: path = NAME##_avx2; break;                   \
+    case QKIT_AVX512BW: path = NAME##_avx512; break;             \
+    case QKIT_PORTABLE: path = NAME##_portable; break;           \
+    default: return -1;                                          \
   }
+#elif defined(__aarch64__)
+#define QKIT_PICK(NAME)                                          \
+  decltype(&NAME##_portable) path = nullptr;                     \
+  switch (resolve(isa)) {                                        \
+    case QKIT_NEON: path = NAME##_neon; break;                   \
+    case QKIT_PORTABLE: path = NAME##_portable; break;           \
+    default: return -1;                                          \
+  }
+#endif
+
+extern "C" int qkit_adder_f32(const float* x, int n, const qkit_adder_shape* s, const float* w, float* y, int isa) {
+  QKIT_PICK(qkit_adder_f32)
+  path(x, n, s, w, y);
+  return 0;
 }
 
 extern "C" int qkit_adder_u8(const uint8_t* x, int n, const qkit_adder_shape* s, const uint8_t* w, uint8_t pad,
-                             int32_t* y, int isa) {
-  switch (resolve(isa)) {
-#if defined(__x86_64__)
-    case QKIT_SSE2: qkit_adder_u8_sse2(x, n, s, w, pad, y); return 0;
-    case QKIT_AVX2: qkit_adder_u8_avx2(x, n, s, w, pad, y); return 0;
-    case QKIT_AVX512BW: qkit_adder_u8_avx512(x, n, s, w, pad, y); return 0;
-#elif defined(__aarch64__)
-    case QKIT_NEON: qkit_adder_u8_neon(x, n, s, w, pad, y); return 0;
-#endif
-    case QKIT_PORTABLE: qkit_adder_u8_portable(x, n, s, w, pad, y); return 0;
-    default: return -1;
-  }
+                             int nhwc, int32_t* y, int isa) {
+  QKIT_PICK(qkit_adder_u8)
+  path(x, n, s, w, pad, nhwc, y);
+  return 0;
 }
 
-extern "C" int qkit_adder_q8(const float* x, int n, const qkit_adder_shape* s, const uint8_t* w, const int32_t* excess,
-                             float scale, int zero_point, float* y, int isa) {
-  switch (resolve(isa)) {
-#if defined(__x86_64__)
-    case QKIT_SSE2: qkit_adder_q8_sse2(x, n, s, w, excess, scale, zero_point, y); return 0;
-    case QKIT_AVX2: qkit_adder_q8_avx2(x, n, s, w, excess, scale, zero_point, y); return 0;
-    case QKIT_AVX512BW: qkit_adder_q8_avx512(x, n, s, w, excess, scale, zero_point, y); return 0;
-#elif defined(__aarch64__)
-    case QKIT_NEON: qkit_adder_q8_neon(x, n, s, w, excess, scale, zero_point, y); return 0;
-#endif
-    case QKIT_PORTABLE: qkit_adder_q8_portable(x, n, s, w, excess, scale, zero_point, y); return 0;
-    default: return -1;
-  }
+extern "C" int qkit_adder_q8(const int8_t* x, int n, const qkit_adder_shape* s, const uint8_t* w, const float* alpha,
+                             const float* beta, int zero_point, double out_scale, int out_zero_point, int out_min,
+                             int nhwc, int8_t* y, int isa) {
+  QKIT_PICK(qkit_adder_q8)
+  path(x, n, s, w, alpha, beta, zero_point, out_scale, out_zero_point, out_min, nhwc, y);
+  return 0;
 }

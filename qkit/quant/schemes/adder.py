@@ -49,33 +49,43 @@ class AdderDeploy(nn.Module):
 
 
 class AdderKernel(nn.Module):
-    """The same layer as one call of qkit's SAD kernel (``qkit::adder2d`` or, on the integer grid,
-    ``qkit::adder2d_u8`` over uint8 codes and a per-filter excess: exact in int32), then the BatchNorm fold.
-    ExecuTorch runs it from the library :func:`qkit.kernels.load_executorch` registers."""
+    """The same layer as one call of qkit's SAD kernel, as ExecuTorch runs it from the library
+    :func:`qkit.kernels.load_executorch` registers.
+
+    fp32: ``qkit::adder2d`` (NCHW), then the BatchNorm fold. On the integer grid: ``qkit::adder2d_grid`` over
+    uint8 codes, exact in int32, with the grid step, what clamping the weight codes to 0-255 removed (the
+    per-filter excess) and the BatchNorm fold in one per-filter alpha·SAD + beta. That one runs on int8 codes
+    in and out, channels-last (:attr:`integer_io`): the export lowers it with the quantizers around it
+    (:func:`qkit.kernels.ops.to_codes`) in a graph exported channels-last, so nothing is transposed or
+    converted between it and XNNPACK."""
 
     def __init__(self, deploy: AdderDeploy) -> None:
         super().__init__()
         import qkit.kernels.ops  # noqa: F401  (defines the operators)
 
         self.stride, self.padding, self.grid = list(deploy.stride), list(deploy.padding), deploy.grid
-        self.register_buffer("scale", deploy.scale.clone())
-        self.register_buffer("shift", deploy.shift.clone())
+        self.integer_io = self.grid is not None
         if self.grid is None:
             self.register_buffer("weight", deploy.weight.clone())
+            self.register_buffer("scale", deploy.scale.clone())
+            self.register_buffer("shift", deploy.shift.clone())
             return
         step, zero_point = self.grid
         codes = torch.round(deploy.weight.double() / step) + zero_point  # integers: the weights are on the grid
         clamped = codes.clamp(0, 255)
         self.register_buffer("weight", clamped.to(torch.uint8))
-        self.register_buffer("excess", (codes - clamped).abs().sum((1, 2, 3)).to(torch.int32))
+        # Σ|x − w| = step·(SAD + excess) with excess = Σ|code − clamp(code)| (exact for codes q in 0-255)
+        excess = (codes - clamped).abs().sum((1, 2, 3))
+        alpha = -step * deploy.scale.flatten().double()
+        self.register_buffer("alpha", alpha.float())
+        self.register_buffer("beta", (alpha * excess + deploy.shift.flatten().double()).float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid is None:
-            y = torch.ops.qkit.adder2d(x, self.weight, self.stride, self.padding)
-        else:
-            y = torch.ops.qkit.adder2d_u8(x, self.weight, self.excess, float(self.grid[0]), int(self.grid[1]),
-                                          self.stride, self.padding)
-        return y * self.scale + self.shift
+            y = torch.ops.qkit.adder2d(x.contiguous(), self.weight, self.stride, self.padding)  # NCHW only
+            return y * self.scale + self.shift
+        return torch.ops.qkit.adder2d_grid(x, self.weight, self.alpha, self.beta, float(self.grid[0]),
+                                           int(self.grid[1]), self.stride, self.padding)
 
 
 @register_scheme("adder")
