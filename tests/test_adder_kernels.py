@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @st.composite
 def layers(draw):
-    kh, kw, ph, pw = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 1)), draw(st.integers(0, 1))
+    kh, kw, ph, pw = draw(st.integers(1, 5)), draw(st.integers(1, 5)), draw(st.integers(0, 1)), draw(st.integers(0, 1))
     h, w = draw(st.integers(max(1, kh - 2 * ph), 12)), draw(st.integers(max(1, kw - 2 * pw), 12))
     return dict(n=draw(st.integers(1, 2)), c=draw(st.integers(1, 33)), h=h, w=w, o=draw(st.integers(1, 70)),
                 kh=kh, kw=kw, stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))), padding=(ph, pw),

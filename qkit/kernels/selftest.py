@@ -28,7 +28,7 @@ def reference(x: np.ndarray, w: np.ndarray, stride, padding, pad: float = 0.0) -
 def random_case(rng: np.random.Generator) -> dict:
     while True:
         n, c, h, w = (int(v) for v in rng.integers([1, 1, 1, 1], [3, 40, 14, 14]))
-        o, kh, kw, sh, sw, ph, pw = (int(v) for v in rng.integers([1, 1, 1, 1, 1, 0, 0], [70, 4, 4, 3, 3, 2, 2]))
+        o, kh, kw, sh, sw, ph, pw = (int(v) for v in rng.integers([1, 1, 1, 1, 1, 0, 0], [70, 6, 6, 3, 3, 2, 2]))
         if h + 2 * ph >= kh and w + 2 * pw >= kw:
             break
     case = {"x": rng.standard_normal((n, c, h, w)).astype(np.float32),

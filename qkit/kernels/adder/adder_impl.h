@@ -96,7 +96,7 @@ const Packed<E>& packed(const E* w, const Geometry& g, int nr, int unit, int ste
 // T::V vector of T::W floats; T::accum(acc, x, w) adds |x − w| or, where T::kMaxTrick, max(x, w):
 // Σ|x − w| = 2·Σmax(x, w) − Σx − Σw, two instructions per pair instead of three.
 
-// KW: the kernel width when fixed at compile time (3: the run loop unrolls), 0 for any width `kw`.
+// KW: the kernel width when fixed at compile time (3 or 5: the run loop unrolls), 0 for any width `kw`.
 template <class T, int MR, int NV, int KW>
 void tile_f32(const float* const (&rows)[MR], const std::vector<int>& offsets, int kw, const float* wb,
               float* acc_out) {
@@ -157,6 +157,8 @@ void adder_f32(const float* x, int n, const Geometry& g, const float* wt, float*
         const float* wb = &pw.data[static_cast<size_t>(blk) * g.c * g.kh * g.kw * NR];
         if (g.kw == 3)
           tile_f32<T, MR, NV, 3>(rows, offsets, g.kw, wb, acc);
+        else if (g.kw == 5)
+          tile_f32<T, MR, NV, 5>(rows, offsets, g.kw, wb, acc);
         else
           tile_f32<T, MR, NV, 0>(rows, offsets, g.kw, wb, acc);
         for (int j = 0; j < NR && blk * NR + j < g.o; ++j) {
