@@ -7,6 +7,7 @@ from importlib.util import find_spec
 
 import numpy as np
 import pytest
+import torch
 
 import qkit
 from qkit import kernels
@@ -160,3 +161,27 @@ def test_ort_file_runs_the_integer_kernels_of_the_onnx_on_every_target(mobile):
     assert ran, "no target CPU could run here"
     for t in ran:
         assert t["model.ort"]["executed"] == t["model.onnx"]["executed"] == {"int8": 4, "float": 0}, t
+
+
+@needs_executorch
+def test_a_pte_calling_an_operator_the_runtime_lacks_is_refused_in_one_line(tmp_path):
+    """What an AdderNet .pte from before qkit::adder2d_q8 meets: a clear reason, not ExecuTorch's error code."""
+    from executorch.exir import to_edge
+
+    from qkit.errors import QkitError
+    from qkit.export.executorch import load_method
+
+    lib = torch.library.Library("qkit_test_gone", "DEF")
+    lib.define("twice(Tensor x) -> Tensor")
+    lib.define("twice.out(Tensor x, *, Tensor(a!) out) -> Tensor(a!)")
+    lib.impl("twice", lambda x: 2 * x, "CompositeExplicitAutograd")
+    lib.impl("twice.out", lambda x, out: out.copy_(2 * x), "CompositeExplicitAutograd")
+
+    class Twice(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.qkit_test_gone.twice(x)
+
+    path = tmp_path / "model.pte"
+    path.write_bytes(to_edge(torch.export.export(Twice(), (torch.ones(2),))).to_executorch().buffer)
+    with pytest.raises(QkitError, match="calls an operator this runtime lacks"):
+        load_method(path)

@@ -14,6 +14,7 @@ import copy
 from collections import Counter
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,9 @@ def load_method(path: Path):
         with _native_stderr_silenced():  # XNNPACK's cpuinfo prints probe failures of ARM-only files on x86
             return Runtime.get().load_program(str(path)).load_method("forward")
     except RuntimeError as e:
+        if not missing and re.search(r"0x:?14\b", str(e)):  # ExecuTorch's Error::OperatorMissing
+            missing = ("it calls an operator this runtime lacks (an AdderNet .pte written before qkit's int8 "
+                       "operator became qkit::adder2d_q8 must be exported again)")
         raise QkitError(f"ExecuTorch cannot load {path.name}: {missing or e}") from None
 
 

@@ -98,8 +98,9 @@ _register("adder2d_q8", adder2d_q8, keeps_layout=True)
 def to_codes(ep: torch.export.ExportedProgram) -> None:
     """Lower every ``dequantize → adder2d_grid → [relu] → quantize`` of ``ep`` (int8, per tensor) to one
     ``adder2d_q8`` on the codes, in place: the kernel then quantizes nothing and XNNPACK's partitions around it
-    hand over int8. Exact: the input codes are those the grid's rounding would give back (same scale, zero
-    point 128 apart), and the output is the same QuantizeLinear. Raises QkitError for a layer not between two
+    hand over int8. The input codes are exactly those the grid's rounding would give back (same scale, zero
+    points 128 apart); the output is the same QuantizeLinear of the same layer, computed in float32 (a code can
+    differ only where the value sits within rounding of a tie). Raises QkitError for a layer not between two
     8-bit quantizers."""
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
 
