@@ -96,7 +96,7 @@ class Adder2d(nn.Module):
     def input_grid(self) -> tuple[torch.Tensor, int]:
         """(step, zero point) of the input's integer grid, as the quantizer evaluates them."""
         zero_point = self._input_quant().act_quant.zero_point()
-        return self.input_step(), round(float(zero_point)) if zero_point is not None else 0
+        return self.input_step(), round(float(zero_point.detach())) if zero_point is not None else 0
 
     def input_step(self) -> torch.Tensor:
         """The input grid's step alone: what training needs every step (no zero point, no host sync)."""
