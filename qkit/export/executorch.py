@@ -218,7 +218,8 @@ def _one_dequantize_per_user(ep: torch.export.ExportedProgram) -> None:
 
 
 def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], path: Path) -> dict[str, Any]:
-    """Lower to XNNPACK, write ``path`` and return what was delegated (conv/linear nodes in and out)."""
+    """Lower to XNNPACK, write ``path``, load it once (XNNPACK refuses some parameters only then) and return what
+    was delegated (conv/linear nodes in and out)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -240,6 +241,7 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantWeightLayer, Int8WeightLayer))]
     own = Counter(op for n in graph.nodes if (op := _qkit_op(n)))
     path.write_bytes(edge.to_executorch().buffer)
+    load_method(path)  # XNNPACK checks its parameters only when the program loads (e.g. requantization scales)
     report = {"backend": "XnnpackBackend", "delegate_calls": delegates, "compute_nodes": len(layers),
               "compute_delegated": len(layers) - left,
               "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
