@@ -75,15 +75,15 @@ def _shape(x: np.ndarray, w: np.ndarray, stride: tuple[int, int], padding: tuple
 
 
 def _call(fn_name: str, x: np.ndarray, w: np.ndarray, extra: tuple, out_dtype, stride, padding, isa: str,
-          path: Path | None, nhwc: bool | None = None) -> np.ndarray:
-    """``nhwc``: None for the float path (NCHW only), else the uint8 paths' layout flag."""
-    shape, out_shape = _shape(x, w, stride, padding, bool(nhwc))
+          path: Path | None, nhwc: bool = False) -> np.ndarray:
+    """``extra``: the entry point's arguments between the weights and the output (the uint8 ones end with the
+    layout flag); ``nhwc``: x and the result are channels-last arrays."""
+    shape, out_shape = _shape(x, w, stride, padding, nhwc)
     y = np.empty(out_shape, out_dtype)
     code = BEST if isa == "best" else ISAS.index(isa)
     fn = getattr(_open(path or library()), fn_name)
-    layout = () if nhwc is None else (ctypes.c_int(int(nhwc)),)
     ok = fn(x.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(x.shape[0]), ctypes.byref(shape),
-            w.ctypes.data_as(ctypes.c_void_p), *extra, *layout, y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(code))
+            w.ctypes.data_as(ctypes.c_void_p), *extra, y.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(code))
     if ok != 0:
         raise ValueError(f"the {isa} path is not available on this CPU")
     return y
@@ -101,19 +101,20 @@ def adder_u8(x: np.ndarray, w: np.ndarray, pad: int, stride=(1, 1), padding=(0, 
     """Σ|x − w| (int32, exact) over uint8 codes; padded pixels hold the code ``pad`` (the zero point).
     ``nhwc``: x and the result are channels-last (N, H, W, C) arrays."""
     x, w = np.ascontiguousarray(x, np.uint8), np.ascontiguousarray(w, np.uint8)
-    return _call("qkit_adder_u8", x, w, (ctypes.c_uint8(pad),), np.int32, stride, padding, isa, path, nhwc)
+    return _call("qkit_adder_u8", x, w, (ctypes.c_uint8(pad), ctypes.c_int(nhwc)), np.int32, stride, padding, isa,
+                 path, nhwc)
 
 
 def adder_q8(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, beta: np.ndarray, zero_point: int, out_scale: float,
              out_zero_point: int, out_min: int = -128, stride=(1, 1), padding=(0, 0), isa: str = "best",
              path: Path | None = None, nhwc: bool = False) -> np.ndarray:
     """The adder-int8 layer the ``.pte`` operator runs, int8 codes in and out: x + 128 are codes on the uint8
-    grid of the weight codes ``w`` (zero point ``zero_point``), y = alpha[o]·Σ|x + 128 − w| + beta[o] (float64,
-    rounded once to float32), out = clamp(round(y·(1/out_scale)) + out_zero_point, out_min, 127)."""
+    grid of the weight codes ``w`` (zero point ``zero_point``), out = clamp(round((alpha[o]·Σ|x + 128 − w| +
+    beta[o])·(1/out_scale)) + out_zero_point, out_min, 127), one float32 rounding per operation."""
     x, w = np.ascontiguousarray(x, np.int8), np.ascontiguousarray(w, np.uint8)
     alpha, beta = np.ascontiguousarray(alpha, np.float32), np.ascontiguousarray(beta, np.float32)
     extra = (alpha.ctypes.data_as(ctypes.c_void_p), beta.ctypes.data_as(ctypes.c_void_p), ctypes.c_int(zero_point),
-             ctypes.c_double(out_scale), ctypes.c_int(out_zero_point), ctypes.c_int(out_min))
+             ctypes.c_double(out_scale), ctypes.c_int(out_zero_point), ctypes.c_int(out_min), ctypes.c_int(nhwc))
     return _call("qkit_adder_q8", x, w, extra, np.int8, stride, padding, isa, path, nhwc)
 
 

@@ -48,14 +48,19 @@ def adder2d(x: torch.Tensor, weight: torch.Tensor, stride: list[int], padding: l
     return -_l1(F.pad(x, (padding[1], padding[1], padding[0], padding[0])), weight, stride, padding)
 
 
+def _sad(codes: torch.Tensor, weight: torch.Tensor, zero_point: int, stride, padding) -> torch.Tensor:
+    """Σ|codes − weight| in float64 (exact), padded pixels holding the code ``zero_point``."""
+    codes = F.pad(codes.double(), (padding[1], padding[1], padding[0], padding[0]), value=float(zero_point))
+    return _l1(codes, weight.double(), stride, padding)
+
+
 def adder2d_grid(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, scale: float,
                  zero_point: int, stride: list[int], padding: list[int]) -> torch.Tensor:
     """The adder-int8 layer on the float values of its input grid: codes q = clamp(round(x/scale) + zero_point,
     0, 255), y = alpha[o]·Σ|q − weight| + beta[o]. ``weight`` holds uint8 codes on the input's grid; alpha and
     beta carry the grid step, what clamping the codes to 0-255 removed and the BatchNorm fold."""
-    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255).double()
-    q = F.pad(q, (padding[1], padding[1], padding[0], padding[0]), value=float(zero_point))
-    y = alpha.double().view(1, -1, 1, 1) * _l1(q, weight.double(), stride, padding) + beta.double().view(1, -1, 1, 1)
+    sad = _sad(torch.clamp(torch.round(x / scale) + zero_point, 0, 255), weight, zero_point, stride, padding)
+    y = alpha.double().view(1, -1, 1, 1) * sad + beta.double().view(1, -1, 1, 1)
     return y.float().contiguous(memory_format=suggest_memory_format(x))
 
 
@@ -65,8 +70,7 @@ def adder2d_q8(x: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, beta:
     """:func:`adder2d_grid` on int8 codes x (x + 128: the uint8 codes) followed by the next quantizer, one
     float32 rounding per operation: clamp(round((alpha·SAD + beta)·(1/out_scale)) + out_zero_point, out_min, 127)
     as int8 (out_min = out_zero_point fuses the ReLU before it)."""
-    codes = F.pad(x.double() + 128, (padding[1], padding[1], padding[0], padding[0]), value=float(zero_point))
-    sad = _l1(codes, weight.double(), stride, padding).float()  # exact: integers below 2^24
+    sad = _sad(x.double() + 128, weight, zero_point, stride, padding).float()  # exact: integers below 2^24
     inv = torch.tensor(1.0 / out_scale, dtype=torch.float32)
     v = (alpha.float().view(1, -1, 1, 1) * sad + beta.float().view(1, -1, 1, 1)) * inv
     q = torch.clamp(torch.round(v) + out_zero_point, out_min, 127)

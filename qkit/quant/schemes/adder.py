@@ -64,7 +64,6 @@ class AdderKernel(nn.Module):
         import qkit.kernels.ops  # noqa: F401  (defines the operators)
 
         self.stride, self.padding, self.grid = list(deploy.stride), list(deploy.padding), deploy.grid
-        self.integer_io = self.grid is not None
         if self.grid is None:
             self.register_buffer("weight", deploy.weight.clone())
             self.register_buffer("scale", deploy.scale.clone())
@@ -79,6 +78,10 @@ class AdderKernel(nn.Module):
         alpha = -step * deploy.scale.flatten().double()
         self.register_buffer("alpha", alpha.float())
         self.register_buffer("beta", (alpha * excess + deploy.shift.flatten().double()).float())
+
+    @property
+    def integer_io(self) -> bool:
+        return self.grid is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid is None:
