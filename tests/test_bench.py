@@ -26,7 +26,7 @@ def mobile(runs, tmp_path_factory):
 
 
 @needs_executorch
-@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "w2a8", "w2a2"])
+@pytest.mark.parametrize("name", ["fp32", "fp16", "int8", "w2a8", "w2a2", "w4a4", "w1a1"])
 def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
     manifest = json.loads((mobile[name] / "manifest.json").read_text())
     et = manifest["executorch"]
@@ -36,8 +36,10 @@ def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
     result = qkit.check(mobile[name])
     assert result["passed"] and result["executorch"]["agreement"] >= 99.0
     assert abs(result["executorch"]["top1"] - result["top1"]) <= 1.0
-    if name == "w2a2":  # 2-bit levels in int8, clamped and with threshold-exact biases: XNNPACK is exact
-        assert result["executorch"]["agreement"] == 100.0
+    if name in ("w2a2", "w1a1"):  # 2-bit levels clamped in int8 with threshold-exact biases, ±1 with sign-exact
+        assert result["executorch"]["agreement"] == 100.0  # ones: XNNPACK picks PyTorch's level every time
+    if name == "w4a4":  # also on a spread grid; only the first layer (8-bit input) may miss a threshold
+        assert result["executorch"]["agreement"] >= 99.7  # at most 1 of the 360 test images
 
 
 @needs_executorch
@@ -59,14 +61,6 @@ def test_adder_pte_without_the_kernel_library_is_refused_in_one_line(mobile, tmp
     r = run_cli("check", str(mobile["adder-int8"]), "--target", "none", env={"QKIT_KERNELS": str(tmp_path)})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ExecuTorch cannot load model.pte: the adder kernels")
-
-
-@pytest.mark.parametrize("name", ["w4a4", "w1a1"])
-def test_pte_is_skipped_with_a_reason_where_xnnpack_cannot_run_it_exactly(mobile, name):
-    manifest = json.loads((mobile[name] / "manifest.json").read_text())
-    assert "model.pte" not in manifest["files"] and "model.ort" in manifest["files"]
-    assert manifest["executorch"]["skipped"] == qkit.get_scheme(manifest["scheme"]).executorch(
-        qkit.load_recipe(manifest["recipe"]))
 
 
 def test_every_runner_reports_ok_or_skipped(mobile, runs, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ from torch import nn
 import qkit
 from qkit.bundle import Manifest
 from qkit.export import to_onnx
+from qkit.export.executorch import installed as executorch_installed
+from qkit.export.executorch import run_pte, write_pte
 from qkit.export.runtime import execution_report
 from qkit.models import create_model
 from qkit.training.calibrate import calibrate
@@ -31,20 +34,45 @@ ZOO = ["torchvision.models:resnet18", "torchvision.models:resnet50", "torchvisio
        "timm.models.efficientnet:efficientnet_b0", "timm.models.regnet:regnetx_004"]
 
 
-@pytest.mark.parametrize("model", ZOO, ids=lambda m: m.replace(".models", "").replace(":", "-"))
-def test_int8_runs_every_conv_and_matmul_on_integer_kernels(model, tmp_path):
+def _ids(model: str) -> str:
+    return model.replace(".models", "").replace(":", "-")
+
+
+def _int8(model: str) -> tuple[nn.Module, torch.Tensor, int]:
+    """The architecture calibrated for int8 and converted, its calibration images, and its conv/linear count."""
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(64, *SHAPE, generator=gen)
+    x = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(1))
     net = create_model(model, 10, SHAPE)
     layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules())
     net = qkit.quantize(net, "int8")
     calibrate(net, x)
-    deploy = qkit.convert(copy.deepcopy(net))
-    proto = to_onnx(deploy, qkit.quant.recipe_of(net), SHAPE, 17)[0]
+    return qkit.convert(copy.deepcopy(net)), x, layers
+
+
+@pytest.mark.parametrize("model", ZOO, ids=_ids)
+def test_int8_runs_every_conv_and_matmul_on_integer_kernels(model, tmp_path):
+    deploy, _, layers = _int8(model)
+    proto = to_onnx(deploy, qkit.load_recipe("int8"), SHAPE, 17)[0]
     (tmp_path / "m.onnx").write_bytes(proto.SerializeToString())
     report = execution_report(tmp_path / "m.onnx")
     assert (report["int8"], report["fp32"]) == (layers, 0), report["op_types"]
+
+
+@pytest.mark.skipif(not executorch_installed(), reason="ExecuTorch not installed ('.[mobile]')")
+@pytest.mark.parametrize("model", ["torchvision.models:mobilenet_v3_small", "torchvision.models:efficientnet_b0"],
+                         ids=_ids)
+def test_int8_pte_runs_every_conv_and_matmul_in_one_xnnpack_delegate(model, tmp_path):
+    """Hardswish, squeeze-excitation gates, SiLU and stochastic depth (the identity, traced in eval mode) all stay
+    inside XNNPACK, every conv on int8 kernels; the classifier runs fp32 there (see Int8WeightLayer)."""
+    deploy, x, layers = _int8(model)
+    report = write_pte(deploy, qkit.load_recipe("int8"), SHAPE, tmp_path / "m.pte")
+    assert report["delegate_calls"] == 1
+    assert report["compute_delegated"] == report["compute_nodes"] == layers
+    assert report["compute_int8"] == layers - 1
+    out = run_pte(tmp_path / "m.pte", x[:8].numpy())
+    with torch.no_grad():
+        ref = deploy(x[:8]).numpy()
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
 
 
 

@@ -30,6 +30,9 @@ from qkit.quant.deploy import QuantAct, QuantWeightLayer
 from qkit.quant.moves import is_move, source
 
 PTE = "model.pte"
+# XNNPACK's int8 kernels take weights in ±127: x86 sums products in int32, ARM's widening multiply-accumulate
+# adds two int8 products in an int16 (2·127·128 < 2¹⁵), so its kernels exclude −128.
+XNNPACK_WEIGHT_MAX = 127
 
 
 def unsupported(recipe: Recipe) -> str | None:
@@ -60,29 +63,49 @@ class Int8Act(nn.Module):
 
     An L-level (2-4-bit) activation: XNNPACK's Q/DQ ignore a narrower range, and a clamp between a conv and
     its Q keeps the conv out of the delegate. So it is the int8 grid, an integer clamp at the top level (a
-    quantized clamp in XNNPACK), and the grid again. (Spreading the levels by k, as the ONNX export does, made
-    XNNPACK's clamp requantize inexactly: measured, not used.)"""
+    quantized clamp in XNNPACK), the grid again, and then, as in the ONNX export (:class:`QuantAct`), the same
+    values on a grid k times finer (an exact requantization by a power of two): the consumer's accumulators
+    step by k, so its int32 bias can place each requantization threshold k times more finely, which is what
+    lets :func:`_exact_thresholds` meet all 15 thresholds of a 4-bit output. (Only the first layer, fed 8-bit
+    input, can still miss a threshold: as in ONNX.)"""
 
     def __init__(self, act: QuantAct) -> None:
         super().__init__()
         self.scale, self.zero_point, self.relu = act.scale, act.zero_point - 128, act.relu
-        self.levels = act.levels
+        # 2-bit outputs meet their 3 thresholds on the unspread grid (measured: exact), and the regrid is one more
+        # pass over the tensor in XNNPACK (resnet20 w2a2 .pte / fp32: 0.35 unspread, 0.42 spread)
+        self.levels, self.k = act.levels, act.spread if act.levels > 4 else 1
+        # the grid consumers see: values unchanged, step scale/k, top level at code 127
+        self.out_scale = self.scale / self.k
+        self.out_zero_point = 127 - (self.levels - 1 - act.zero_point) * self.k if self.k > 1 else self.zero_point
+        self.regrid_only, self.binary = False, act.binary
 
     @property
     def top(self) -> float | None:
         """The real value of the top level of a narrower-than-8-bit grid (None at 8 bits: no clamp)."""
         return None if self.levels == 256 else (self.levels - 1 - self.zero_point - 128) * self.scale
 
+    def regrid(self) -> "Int8Act":
+        """A copy that only puts values already on this grid back onto it (after MaxPool/Flatten): XNNPACK's
+        int8 max pooling takes one grid in and out."""
+        again = copy.copy(self)
+        again.regrid_only = True
+        return again
+
     def input_range(self) -> tuple[int, int, int]:
         """(lowest, highest, step) of the integers q − zp its consumers see."""
         zp = self.zero_point + 128
-        return -zp, self.levels - 1 - zp, 1
+        return -zp * self.k, (self.levels - 1 - zp) * self.k, self.k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.relu:
-            x = torch.relu(x)
-        x = _qdq(x, self.scale, self.zero_point)
-        return x if self.top is None else _qdq(torch.clamp(x, max=self.top), self.scale, self.zero_point)
+        if not self.regrid_only:
+            if self.relu:
+                x = torch.relu(x)
+            x = _qdq(x, self.scale, self.zero_point)
+            if self.top is None:
+                return x
+            x = _qdq(torch.clamp(x, max=self.top), self.scale, self.zero_point)
+        return _qdq(x, self.out_scale, self.out_zero_point)
 
 
 def _qdq(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -106,11 +129,22 @@ class Int8WeightLayer(nn.Module):
         if int8:
             self.register_buffer("qweight", torch.round(layer.weight / layer.scale.view(shape)).to(torch.int8))
             self.register_buffer("scale", layer.scale.float())
+            self.register_buffer("k", layer.k.clone())
             self.register_buffer("zero_point", torch.zeros(len(layer.scale), dtype=torch.int64))
         else:
             self.register_buffer("weight", layer.weight.clone())
         self.register_buffer("bias", layer.bias)
         self.conv = layer.conv
+
+    def widen(self) -> None:
+        """Spread the trained integers (each channel's ``k``) as wide as XNNPACK takes, ±127 where ONNX stops at
+        ±64 for ORT's x86 kernels: the channel's accumulators then step by the new spread, so its int32 bias
+        can place requantization thresholds that much more finely (see :func:`_exact_thresholds`)."""
+        shape = (-1,) + (1,) * (self.qweight.dim() - 1)
+        ints = self.qweight.float() / self.k.view(shape)
+        k = torch.floor(XNNPACK_WEIGHT_MAX / ints.abs().flatten(1).amax(1).clamp_min(1)).clamp_min(1)
+        self.qweight = (ints * k.view(shape)).to(torch.int8)
+        self.scale, self.k = (self.scale * self.k / k).float(), k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (_ops().dequantize_per_channel.default(self.qweight, self.scale, self.zero_point, 0, -128, 127,
@@ -126,13 +160,9 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
             continue
         m = gm.get_submodule(node.target)
         if isinstance(m, QuantAct):
-            if m.binary:
-                raise ValueError("ExecuTorch export of sign activations is not supported")
             set_module(gm, node.target, Int8Act(m))
         elif isinstance(m, QuantWeightLayer):
-            requantized = any(u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantAct)
-                              for u in node.users)
-            set_module(gm, node.target, Int8WeightLayer(m, int8=requantized))
+            set_module(gm, node.target, Int8WeightLayer(m, int8=_requantized(node, gm)))
         elif hasattr(m, "for_executorch"):  # a scheme's layer with a kernel of its own (AdderNet's SAD)
             set_module(gm, node.target, m.for_executorch())
     for node in list(gm.graph.nodes):
@@ -141,8 +171,7 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
             src = source(node.args[0], gm)
             if isinstance(src, fx.Node) and src.op == "call_module" and isinstance(gm.get_submodule(src.target),
                                                                                      Int8Act):
-                act = copy.copy(gm.get_submodule(src.target))
-                act.relu = False
+                act = gm.get_submodule(src.target).regrid()
                 name = f"{node.name}_requant"
                 gm.add_module(name, act)
                 with gm.graph.inserting_after(node):
@@ -153,6 +182,12 @@ def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _requantized(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Does the layer's output reach an activation quantizer, directly or through moves?"""
+    return any((u.op == "call_module" and isinstance(gm.get_submodule(u.target), QuantAct))
+               or (is_move(u, gm) and _requantized(u, gm)) for u in node.users)
 
 
 def _takes_codes(m: nn.Module) -> bool:
@@ -172,7 +207,7 @@ def _exact_thresholds(node: fx.Node, gm: fx.GraphModule) -> None:
     with which XNNPACK's integer kernel picks the float layer's level for every reachable accumulator (the
     same search as the ONNX export's :func:`qkit.export.onnx_passes._threshold_exact_bias`): rounding the
     bias alone moves thresholds of a 2-4-bit output, and through residual nets that flips answers."""
-    from qkit.export.onnx_passes import _threshold_exact_bias
+    from qkit.export.onnx_passes import _sign_exact_bias, _threshold_exact_bias
 
     m = gm.get_submodule(node.target) if node.op == "call_module" else None
     if not (isinstance(m, Int8WeightLayer) and m.int8):
@@ -182,7 +217,16 @@ def _exact_thresholds(node: fx.Node, gm: fx.GraphModule) -> None:
     act_in = _act_of(node.args[0], gm)
     if not (len(outs) == 1 and act_in and outs[0].top is not None):
         return
-    out, s_x = outs[0], act_in.scale
+    out, s_x = outs[0], act_in.out_scale
+    m.widen()
+    if out.binary:
+        # Only the sign of acc + B matters: with XNNPACK's requantization scale at 1 every nonzero sum reaches ±1
+        # (a scale of s_x·s_w/ε, about 2^20, is one XNNPACK refuses), and the bias never lets it be zero.
+        beta = m.bias.double() / (s_x * m.scale.double())
+        b_int = _sign_exact_bias(beta.numpy(), m.qweight.numpy())
+        m.scale.fill_(out.scale / s_x)
+        m.bias.copy_(torch.from_numpy(b_int) * out.scale)
+        return
     y_levels = (0 if out.relu else -(out.zero_point + 128), round(out.top / out.scale))
     rows = m.qweight.reshape(len(m.scale), -1).numpy()
     for c in range(len(m.scale)):

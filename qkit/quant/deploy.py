@@ -32,6 +32,11 @@ class QuantAct(nn.Module):
         self.scale, self.zero_point, self.levels, self.relu = float(scale), int(zero_point), levels, relu
         self.binary = binary
 
+    @property
+    def spread(self) -> int:
+        """k: the largest power of two with (L − 1)·k ≤ 255 (1 at 8 bits)."""
+        return 2 ** int(np.floor(np.log2(255 / (self.levels - 1))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.relu:
             x = torch.relu(x)
@@ -40,7 +45,7 @@ class QuantAct(nn.Module):
             # A value-preserving op between the pairs stops ORT's DoubleQDQPairsRemover from merging
             # them into one pair with a finer, recomputed scale (which is not exact).
             x = torch.relu(x) if self.zero_point == 0 else torch.clamp_min(x, -self.zero_point * self.scale)
-            k = 2 ** int(np.floor(np.log2(255 / (self.levels - 1))))
+            k = self.spread
             top = 255 - (self.levels - 1 - self.zero_point) * k
             x = torch.fake_quantize_per_tensor_affine(x, self.scale / k, top, 0, 255)
         return x

@@ -20,8 +20,16 @@ def is_move(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Does fx ``node`` only move or select values (a quantized input stays quantized)?"""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _MODULES)
-    return ((node.op == "call_function" and node.target in _FUNCTIONS)
+    return ((node.op == "call_function" and (node.target in _FUNCTIONS or _eval_stochastic_depth(node)))
             or (node.op == "call_method" and node.target in _METHODS))
+
+
+def _eval_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision's ``stochastic_depth`` (EfficientNet's residual branches), traced in eval mode: its
+    ``training`` argument is baked in as False, so it is the identity. (fx keeps it as a call; ONNX has no node.)"""
+    if getattr(node.target, "__module__", None) != "torchvision.ops.stochastic_depth":
+        return False
+    return node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True) is False
 
 
 def source(node: fx.Node | object, gm: fx.GraphModule) -> fx.Node | object:

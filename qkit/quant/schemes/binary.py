@@ -109,8 +109,3 @@ class BinaryScheme(Scheme):
                 unit = gm.graph.call_function(operator.mul, (node, 1.0 / EPS))
             for u in others:
                 u.replace_input_with(node, unit)
-
-    def executorch(self, recipe) -> str | None:
-        from qkit.quant.schemes.integer import pte_activation_note
-
-        return pte_activation_note(recipe.act_bits)

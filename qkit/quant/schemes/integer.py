@@ -106,17 +106,3 @@ class IntegerScheme(Scheme):
         zp = float(aq.zero_point().detach().flatten()[0]) if aq.zero_point() is not None else 0.0
         return QuantAct(float(aq.scale().detach().flatten()[0]), round(zp), 2 ** int(aq.bit_width()),
                         relu=isinstance(m, qnn.QuantReLU))
-
-    def executorch(self, recipe) -> str | None:
-        return pte_activation_note(recipe.act_bits)
-
-
-def pte_activation_note(act_bits: int) -> str | None:
-    """Why activations of ``act_bits`` get no XNNPACK ``.pte``: 8 and 2 bits are exact (2-bit levels in int8
-    with an integer clamp and threshold-exact biases); at 4 bits the same construction left XNNPACK picking other
-    levels (86-98 % same class on synthetic input), and sign activations are not lowered."""
-    if act_bits in (8, 2):
-        return None
-    if act_bits == 1:
-        return "sign activations are not lowered to XNNPACK yet"
-    return f"{act_bits}-bit activations are not exact on XNNPACK's integer kernels (measured); 8 and 2 bits are"

@@ -60,8 +60,3 @@ class TernaryScheme(Scheme):
         bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
         return QuantWeightLayer(t, alpha.detach() * mult, bias * mult + shift,
                                 m if isinstance(m, nn.Conv2d) else None, bits=2)
-
-    def executorch(self, recipe) -> str | None:
-        from qkit.quant.schemes.integer import pte_activation_note
-
-        return pte_activation_note(recipe.act_bits)
