@@ -33,6 +33,7 @@ def test_pte_keeps_the_trained_scales_and_runs_on_xnnpack(mobile, name):
     assert "model.pte" in manifest["files"] and et["compute_delegated"] == et["compute_nodes"] == 4
     # int8 kernels for every layer whose output is requantized; the classifier runs fp32 inside XNNPACK
     assert et["compute_int8"] == (0 if name.startswith("fp") else 3)
+    assert list(et.get("float_layers", {})) == ([] if name.startswith("fp") else ["4"])  # lenet5's classifier
     result = qkit.check(mobile[name])
     assert result["passed"] and result["executorch"]["agreement"] >= 99.0
     assert abs(result["executorch"]["top1"] - result["top1"]) <= 1.0

@@ -6,8 +6,8 @@ What each needs is covered here: residual blocks whose output feeds the next blo
 and stochastic depth (efficientnet), timm's fused BatchNormAct2d and its own Linear, depthwise convs,
 adaptive average pooling, dropout and flatten before the head. Accuracy and parity need trained weights
 (a network of random weights is chaotic: its fp32 and int8 outputs already disagree on half the images), so
-they are asserted on a trained mobilenet_v3_small below and measured for every architecture by
-benchmarks/real_models.py."""
+they are measured for every architecture by benchmarks/real_models.py; the .pte test below compares the file
+with the converted model it came from."""
 from __future__ import annotations
 
 import copy

@@ -268,6 +268,8 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
     from executorch.exir import to_edge_transform_and_lower
 
     model = for_executorch(deploy) if isinstance(deploy, fx.GraphModule) else deploy
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear, QuantWeightLayer, Int8WeightLayer))}
     integer_io = any(getattr(m, "integer_io", False) for m in model.modules())
     if integer_io:
         model = _ChannelsLast(model)
@@ -280,18 +282,30 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
         to_codes(ep)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
-    left = sum(1 for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE))
+    left = [_layer_name(n) for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE)]
     delegates = sum(1 for n in graph.nodes if "executorch_call_delegate" in str(n.target))
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, QuantWeightLayer, Int8WeightLayer))]
     own = Counter(op for n in graph.nodes if (op := _qkit_op(n)))
     path.write_bytes(edge.to_executorch().buffer)
     load_method(path)  # XNNPACK checks its parameters only when the program loads (e.g. requantization scales)
     report = {"backend": "XnnpackBackend", "delegate_calls": delegates, "compute_nodes": len(layers),
-              "compute_delegated": len(layers) - left,
-              "compute_int8": sum(1 for m in layers if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
+              "compute_delegated": len(layers) - len(left),
+              "compute_int8": sum(1 for m in layers.values() if isinstance(m, Int8WeightLayer) and m.int8), "batch": 1}
+    fp32 = [name for name, m in layers.items() if isinstance(m, Int8WeightLayer) and not m.int8]
+    if fp32:  # XNNPACK 1.5.1 mis-scales an int8 linear with float output (see Int8WeightLayer)
+        report["float_layers"] = {name: "its output is not requantized (a classifier): it runs fp32 inside XNNPACK"
+                                  for name in fp32}
+    if left:
+        report["not_delegated"] = {name: "XNNPACK did not take it: it runs on ExecuTorch's portable kernel"
+                                   for name in left}
     if own:  # layers on qkit's own kernels: an app links libqkit_adder_executorch.so beside the runtime
         report["qkit_kernels"] = dict(sorted(own.items()))
     return report
+
+
+def _layer_name(node: fx.Node) -> str:
+    """The module path of the layer an exported node came from (its node name if torch.export kept none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else node.name
 
 
 class _ChannelsLast(nn.Module):
