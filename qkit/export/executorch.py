@@ -153,7 +153,7 @@ class Int8WeightLayer(nn.Module):
 
 
 def for_executorch(deploy: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite a lowered (8-bit activation) model into PT2E's Q/DQ form; the input is left untouched."""
+    """Rewrite a lowered model (any activation width, signs included) into PT2E's Q/DQ form; the input stays."""
     gm = copy.deepcopy(deploy)
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
@@ -206,7 +206,8 @@ def _exact_thresholds(node: fx.Node, gm: fx.GraphModule) -> None:
     """An int8 layer between two sub-8-bit activations gets, per output channel, the bias and weight scale
     with which XNNPACK's integer kernel picks the float layer's level for every reachable accumulator (the
     same search as the ONNX export's :func:`qkit.export.onnx_passes._threshold_exact_bias`): rounding the
-    bias alone moves thresholds of a 2-4-bit output, and through residual nets that flips answers."""
+    bias alone moves thresholds of a 2-4-bit output, and through residual nets that flips answers. A layer
+    feeding a sign activation gets the ONNX export's sign-exact bias (:func:`_sign_exact_bias`) instead."""
     from qkit.export.onnx_passes import _sign_exact_bias, _threshold_exact_bias
 
     m = gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -282,7 +283,8 @@ def write_pte(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...], p
         to_codes(ep)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
-    left = [_layer_name(n) for n in graph.nodes if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE)]
+    left = [_layer_name(n) for n in graph.nodes
+            if n.op == "call_function" and any(c in str(n.target) for c in _COMPUTE)]
     delegates = sum(1 for n in graph.nodes if "executorch_call_delegate" in str(n.target))
     own = Counter(op for n in graph.nodes if (op := _qkit_op(n)))
     path.write_bytes(edge.to_executorch().buffer)
