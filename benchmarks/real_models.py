@@ -3,7 +3,7 @@ on a folder of mixed-size colour photos, their weights saved as a plain state_di
 (calibration only) and by QAT from those weights; every run exported and checked on every target CPU.
 
     python benchmarks/real_models.py [--models torchvision.models:resnet18,...] [--fp32-epochs 6]
-        [--qat-epochs 2] [--size 32] [--work /tmp/qkit-real] [--out reports/real_models.md]
+        [--qat-epochs 2] [--qat-lr LR] [--size 32] [--work /tmp/qkit-real] [--out reports/real_models.md]
 
 The photo folder is benchmarks/photo_folder.py's (mnist5k's digits, 4,000 train / 1,000 test, colour,
 24-64 px). One row per model: fp32, PTQ and QAT top-1 from `qkit check` (ONNX Runtime on the test split),
@@ -46,7 +46,8 @@ def checked(run: Path, bundle: Path, model: str, targets: str) -> dict:
             "targets_min": min(runs, default=None), "passed": r["passed"]}
 
 
-def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epochs: int) -> dict:
+def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epochs: int,
+        qat_lr: float | None = None) -> dict:
     tag = model.split(":")[-1] + ("-timm" if model.startswith("timm") else "")
     common = ["--model", model, "--data", data, "--image-size", str(size), "--overwrite"]
     row, t0 = {"model": tag}, time.time()
@@ -54,7 +55,8 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
     qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), "--out", str(fp32))
     weights = work / f"{tag}.pth"  # what the user brings: a plain state_dict
     torch.save(torch.load(fp32 / "checkpoint.pt", weights_only=True)["state_dict"], weights)
-    for name, extra in (("fp32", None), ("ptq", ["--epochs", "0"]), ("qat", ["--epochs", str(qat_epochs)])):
+    qat = ["--epochs", str(qat_epochs)] + (["--lr", str(qat_lr)] if qat_lr else [])
+    for name, extra in (("fp32", None), ("ptq", ["--epochs", "0"]), ("qat", qat)):
         run = fp32 if extra is None else work / f"{tag}-{name}"
         if extra is not None:
             qkit("train", *common, "--recipe", "int8", "--init", str(weights), *extra, "--out", str(run))
@@ -78,6 +80,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--fp32-epochs", type=int, default=6)
     p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--qat-lr", type=float, default=None, help="QAT's peak learning rate (default: the int8 recipe's)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--work", type=Path, default=Path("/tmp/qkit-real"))
     p.add_argument("--out", type=Path, default=Path("reports/real_models.md"))
@@ -87,7 +90,7 @@ def main() -> None:
         write_photo_folder(photos)
     rows = []
     for model in a.models.split(","):
-        rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs, a.qat_epochs))
+        rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs, a.qat_epochs, a.qat_lr))
         print(json.dumps(rows[-1]), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(table(rows))
