@@ -19,7 +19,8 @@ from qkit.data import load_dataset
 
 
 def write_photo_folder(out: Path, per_class_train: int = 400, per_class_test: int = 100, min_size: int = 24,
-                       max_size: int = 64, seed: int = 0) -> Path:
+                       max_size: int = 64, seed: int = 0, prefix: str = "") -> Path:
+    """``prefix`` starts every file name, so that draws with other seeds can share one folder."""
     ds = load_dataset("mnist5k")
     rng = np.random.default_rng(seed)
     for split, x, y, per_class in (("train", ds.x_train, ds.y_train, per_class_train),
@@ -34,7 +35,7 @@ def write_photo_folder(out: Path, per_class_train: int = 400, per_class_test: in
                 side = rng.integers(min_size, max_size + 1)
                 w, h = side, int(np.clip(side * rng.uniform(0.8, 1.2), min_size, max_size))
                 im = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
-                im.save(folder / (f"{i:04d}.jpg" if i % 2 else f"{i:04d}.png"), quality=90)
+                im.save(folder / f"{prefix}{i:04d}.{'jpg' if i % 2 else 'png'}", quality=90)
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from qkit.bundle import ONNX, ORT, PTE, REFERENCE, CheckResult, Manifest
-from qkit.data import load_dataset
+from qkit.data import Images, load_dataset
 from qkit.errors import QkitError
 from qkit.export.runtime import execution_report, kernel_counts, run_onnx
 from qkit.fileio import write_json
@@ -20,20 +20,18 @@ TARGET_SAMPLES = 1000  # test images per emulated target by default: emulation r
 PTE_MIN_AGREEMENT = 99.0     # the same for ExecuTorch's model.pte (XNNPACK rounds requantization its own way)
 
 
-def _baseline_top1(baseline: str, x: np.ndarray, y: np.ndarray) -> float:
+def _baseline_top1(baseline: str, x: Images, y: np.ndarray) -> float:
     """Top-1 of a baseline bundle (run in ORT) or run (run in PyTorch) on the same test data."""
     path = Path(baseline)
     if (path / "manifest.json").exists():
         base = Manifest.read(path)
-        return _top1(run_onnx(base.file(ONNX), x.astype(base.input.dtype)), y)
+        return _top1(run_onnx(base.file(ONNX), x, dtype=base.input.dtype), y)
     if (path / "checkpoint.pt").exists() or path.suffix == ".pt":
-        import torch
-
         from qkit.training import predict
         from qkit.training.checkpoint import load_model
 
         model, _ = load_model(path)
-        return _top1(predict(model, torch.from_numpy(x)).numpy(), y)
+        return _top1(predict(model, x).numpy(), y)
     raise QkitError(f"--baseline {baseline}: neither a bundle (manifest.json) nor a run (checkpoint.pt)")
 
 
@@ -42,13 +40,13 @@ def _agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
             "max_abs_logit_diff": round(float(np.abs(ref - logits).max()), 6)}
 
 
-def _check_pte(manifest: Manifest, x: np.ndarray, y: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+def _check_pte(manifest: Manifest, x: Images, y: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     """ExecuTorch's runtime on model.pte: top-1 and agreement with the PyTorch model."""
     from qkit.export.executorch import installed, run_pte
 
     if not installed():
         return {"skipped": "ExecuTorch not installed (pip install -e '.[mobile]')"}
-    logits = run_pte(manifest.file(PTE), x.astype(manifest.input.dtype)).astype(np.float32)
+    logits = run_pte(manifest.file(PTE), x, dtype=manifest.input.dtype).astype(np.float32)
     return {"top1": _top1(logits, y), **_agreement(logits, ref), "min_agreement": PTE_MIN_AGREEMENT}
 
 
@@ -76,19 +74,20 @@ def _check_target(name: str, bound, manifest: Manifest, x: np.ndarray, y: np.nda
     return entry
 
 
-def _check_targets(manifest: Manifest, x: np.ndarray, y: np.ndarray, ref: np.ndarray | None, native: np.ndarray,
+def _check_targets(manifest: Manifest, x: Images, y: np.ndarray, ref: np.ndarray | None, native: np.ndarray,
                    names: Sequence[str], samples: int | None) -> dict[str, Any]:
     """:func:`_check_target` for each of ``names`` on ``samples`` test images evenly spread over the split
-    (None: all)."""
+    (None: all; an emulated target reads its inputs from one file)."""
     import onnx
 
     from qkit import targets
     from qkit.export.overflow import prove
 
+    keep = np.arange(len(x))
     if samples is not None and samples < len(x):
         keep = np.unique(np.linspace(0, len(x) - 1, samples).round().astype(int))
-        x, y, native = x[keep], y[keep], native[keep]
-        ref = None if ref is None else ref[keep]
+    x, y, native = x[keep].numpy(), y[keep], native[keep]
+    ref = None if ref is None else ref[keep]
     proof = prove(onnx.load(manifest.file(ONNX), load_external_data=False))
     return {name: _check_target(name, proof[targets.TARGETS[name].family], manifest, x, y, ref, native)
             for name in names}
@@ -126,7 +125,7 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     if data is None:
         raise QkitError(f"{bundle}: the bundle names no dataset (exported from a model object): pass --data")
     x, y = _test_inputs(manifest, data)
-    logits = run_onnx(manifest.file(ONNX), x.astype(manifest.input.dtype))
+    logits = run_onnx(manifest.file(ONNX), x, dtype=manifest.input.dtype)
     result = CheckResult(bundle=str(bundle), recipe=manifest.recipe, data=data, model_sha256=manifest.model_sha256,
                          test_samples=int(len(y)), top1=_top1(logits, y))
     ref = None
@@ -134,7 +133,7 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
         ref = _reference(manifest.file(REFERENCE), len(y))
         result.parity = {**_agreement(logits, ref), "torch_top1": manifest.top1, "min_agreement": PARITY_MIN_AGREEMENT}
     if manifest.shipping:  # the packed file must compute what model.onnx computes
-        packed = run_onnx(manifest.file(manifest.shipping), x.astype(manifest.input.dtype), basic=True)
+        packed = run_onnx(manifest.file(manifest.shipping), x, dtype=manifest.input.dtype, basic=True)
         result.packed = {"file": manifest.shipping, "top1": _top1(packed, y),
                          "agreement_with_runtime_file": _top1(packed, logits.argmax(1)),
                          "bytes": manifest.files[manifest.shipping].bytes}
@@ -179,8 +178,8 @@ def _target_names(targets: Sequence[str] | None) -> list[str]:
     return names
 
 
-def _test_inputs(manifest: Manifest, data: str) -> tuple[np.ndarray, np.ndarray]:
-    """The test split of ``data`` preprocessed with the manifest's numbers, as the app will (not the
+def _test_inputs(manifest: Manifest, data: str) -> tuple[Images, np.ndarray]:
+    """The test split of ``data`` read preprocessed with the manifest's numbers, as the app will (not the
     dataset's own statistics), after checking it fits the model."""
     shape = manifest.input_shape
     ds = load_dataset(data, default_shape=shape, image_size=shape[-1] if manifest.input.resize else None)
@@ -188,6 +187,4 @@ def _test_inputs(manifest: Manifest, data: str) -> tuple[np.ndarray, np.ndarray]
         raise QkitError(f"--data {data}: images are {list(ds.input_shape)}, the model takes {list(shape)}")
     if ds.num_classes > len(manifest.labels):
         raise QkitError(f"--data {data}: {ds.num_classes} classes, the model has {len(manifest.labels)}")
-    mean = np.array(manifest.input.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.array(manifest.input.std, np.float32).reshape(1, -1, 1, 1)
-    return ((ds.x_test.numpy() - mean) / std).astype(np.float32), ds.y_test.numpy()
+    return ds.x_test.normalized(manifest.input.mean, manifest.input.std), ds.y_test.numpy()

@@ -90,7 +90,8 @@ def cli() -> None:
               help="Registered model or pkg.module:factory, e.g. torchvision.models:resnet18.")
 @click.option("--data", default="mnist5k", show_default=True,
               help="digits, mnist5k, fashion-mnist[:DIR], mnist:DIR, cifar10:DIR, imagefolder:DIR, npz:FILE, "
-                   "synthetic[:CxHxW].")
+                   "synthetic[:CxHxW]. imagefolder is decoded once into a uint8 cache in $QKIT_CACHE_DIR "
+                   "(default ~/.cache/qkit) and streamed from it.")
 @click.option("--recipe", default=None, help="Recipe name (see `qkit recipes`) or YAML path. [default: fp32]")
 @click.option("--bits", type=int, default=None, help="Weight bits 32/16/8/4/2/1 (2 alone means w2a8).")
 @click.option("--act-bits", type=int, default=None, help="Activation bits, overriding the recipe's.")

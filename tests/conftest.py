@@ -1,8 +1,11 @@
 """Shared fixtures: small real runs on scikit-learn's digits, trained once per test session."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +15,9 @@ import qkit
 from qkit.quant import load_recipe
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+# imagefolder's decode cache: one per test session (inherited by the CLI's subprocesses), not the user's
+os.environ["QKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="qkit-cache-")
+atexit.register(shutil.rmtree, os.environ["QKIT_CACHE_DIR"], True)
 RECIPES = ["fp32", "fp16", "int8", "w4a8", "w4a4", "w2a8", "w2a2", "w1a8", "w1a1", "ternary", "adder", "adder-int8"]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import mmap
 import pickle
 import struct
 
@@ -19,7 +20,7 @@ def test_digits_fixed_split():
     ds = load_dataset("digits")
     assert (len(ds.x_train), len(ds.x_test)) == (1437, 360)
     assert ds.input_shape == (1, 8, 8)
-    assert float(ds.x_train.max()) == 1.0 and float(ds.x_train.min()) == 0.0  # 0..16 scaled by 1/16
+    assert float(ds.x_train[:].max()) == 1.0 and float(ds.x_train[:].min()) == 0.0  # 0..16 scaled by 1/16
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -31,7 +32,7 @@ def test_mnist5k_split_has_100_per_class():
     assert (len(ds.x_train), len(ds.x_test)) == (4000, 1000)
     assert ds.input_shape == (1, 28, 28)
     assert torch.bincount(ds.y_test).tolist() == [100] * 10
-    x, _ = ds.split("train")
+    x = ds.split("train")[0][:]
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2  # normalised with train stats
 
 
@@ -116,7 +117,7 @@ def test_imagefolder_of_mixed_sizes_and_formats(tmp_path):
     ds = load_dataset(f"imagefolder:{root}", image_size=8)
     assert (ds.input_shape, len(ds.x_train), len(ds.x_test), ds.labels) == ((3, 8, 8), 10, 6, ["cat", "dog"])
     assert ds.resize == "shorter side resized to 8 px (bilinear), centre 8x8 crop"
-    first = ds.x_train[0, 0]  # cat/0.jpg: JPEG blurs the edge a little
+    first = ds.x_train[0][0]  # cat/0.jpg: JPEG blurs the edge a little
     assert first[:, :2].max() < 0.1 and first[:, -2:].min() > 0.9
     assert torch.allclose(ds.x_train[4], torch.full((3, 8, 8), 128 / 255))  # the grey image, as RGB
     given = load_dataset(f"imagefolder:{root}", image_size=8, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
@@ -125,6 +126,39 @@ def test_imagefolder_of_mixed_sizes_and_formats(tmp_path):
         load_dataset(f"imagefolder:{root}", image_size=8, mean=[0.5])
     with pytest.raises(QkitError, match="applies to imagefolder"):
         load_dataset("digits", image_size=8)
+
+
+def test_imagefolder_is_decoded_once_into_a_memory_mapped_cache(tmp_path, monkeypatch):
+    """A folder is read from a uint8 memory map, never held whole as floats; the next load reuses it; an
+    edited folder decodes afresh and its old entry goes; a bad image leaves nothing half-written."""
+    from PIL import Image
+
+    cache = tmp_path / "cache" / "imagefolder"
+    monkeypatch.setenv("QKIT_CACHE_DIR", str(tmp_path / "cache"))
+    for c in ("cat", "dog"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((6, 6, 3), 20 * i, np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    ds = load_dataset(f"imagefolder:{tmp_path / 'img'}")
+    assert isinstance(ds.x_train.raw.base, mmap.mmap) and ds.x_train.raw.dtype == np.uint8
+    assert ds.x_train.shape == (8, 3, 6, 6) and ds.x_train.raw[1].max() == 40  # cat/2.png
+    (entry,) = cache.iterdir()
+    built = (entry / "train.npy").stat().st_mtime_ns
+    assert torch.equal(load_dataset(f"imagefolder:{tmp_path / 'img'}").x_train[:], ds.x_train[:])
+    assert [p.name for p in cache.iterdir()] == [entry.name] and (entry / "train.npy").stat().st_mtime_ns == built
+
+    Image.fromarray(np.full((6, 6, 3), 255, np.uint8)).save(tmp_path / "img" / "cat" / "2.png")
+    assert float(load_dataset(f"imagefolder:{tmp_path / 'img'}").x_train[1].min()) == 1.0
+    assert len(list(cache.iterdir())) == 1 and not entry.exists()
+
+    (tmp_path / "img" / "dog" / "9.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(QkitError, match="unreadable image .*9.png"):
+        load_dataset(f"imagefolder:{tmp_path / 'img'}")
+    assert len(list(cache.iterdir())) == 1  # no staging folder, no new entry
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("QKIT_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.raises(QkitError, match="cannot write the decode cache.*QKIT_CACHE_DIR"):
+        load_dataset(f"imagefolder:{tmp_path / 'img'}")
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -32,7 +32,7 @@ def test_official_split_is_used_as_is():
     assert torch.bincount(ds.y_train).tolist() == [6000] * 10
     assert torch.bincount(ds.y_test).tolist() == [1000] * 10
     assert ds.labels[0] == "t-shirt/top" and ds.labels[9] == "ankle boot"
-    assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0
+    assert float(ds.x_train[:].min()) == 0.0 and float(ds.x_train[:].max()) == 1.0
 
 
 @installed

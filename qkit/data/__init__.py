@@ -1,8 +1,8 @@
 """Datasets: embedded real defaults, local-path readers in standard formats, and synthetic input.
 
-Every reader returns a :class:`Dataset` of float32 NCHW images scaled to [0, 1] and int64 labels;
-normalisation (per-channel mean/std of the training split) is recorded so the bundle manifest can state
-it and a mobile app can reproduce it. Nothing is ever downloaded.
+Every reader returns a :class:`Dataset`: NCHW images read on demand as float32 in [0, 1] (:mod:`.images`)
+and int64 labels; normalisation (per-channel mean/std of the training split) is recorded so the bundle
+manifest can state it and a mobile app can reproduce it. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import gzip
 import os
 import pickle
 import struct
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qkit.data import imagefolder
+from qkit.data.images import Images, npy_header
 from qkit.errors import QkitError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -25,19 +26,18 @@ FASHION_LABELS = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal
                   "bag", "ankle boot"]
 # Bounded work for bounded input: a few bytes of a hostile file must not become gigabytes of memory.
 MAX_DATA_BYTES = 8 << 30  # decoded arrays of one dataset file
-MAX_IMAGE_PIXELS = 64 << 20  # one decoded image (PIL's decompression-bomb limit)
 MAX_CLASSES = 100_000
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @dataclass
 class Dataset:
-    """Train and test splits as tensors in [0, 1], plus what a deployment must know to preprocess."""
+    """Train and test splits read on demand (:class:`Images`), plus what a deployment must know to preprocess."""
 
     name: str
-    x_train: torch.Tensor
+    x_train: Images
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Images
     y_test: torch.Tensor
     labels: list[str]
     scale: float  # raw pixel value that maps to 1.0 (16 for digits, 255 for 8-bit images)
@@ -48,9 +48,7 @@ class Dataset:
     def __post_init__(self) -> None:
         _validate(self)
         if not self.mean:
-            flat = self.x_train.transpose(0, 1).reshape(self.x_train.shape[1], -1)
-            self.mean = [round(float(v), 6) for v in flat.mean(1)]
-            self.std = [round(max(float(v), 1e-6), 6) for v in flat.std(1)]
+            self.mean, self.std = self.x_train.channel_stats()
 
     @property
     def num_classes(self) -> int:
@@ -58,28 +56,23 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+        return self.x_train.shape[1:]  # type: ignore[return-value]
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x - mean) / std
-
-    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images and labels of ``train`` or ``test``."""
+    def split(self, which: str) -> tuple[Images, torch.Tensor]:
+        """Images of ``train`` or ``test``, read normalised, and their labels."""
         x, y = (self.x_train, self.y_train) if which == "train" else (self.x_test, self.y_test)
-        return self.normalize(x), y
+        return x.normalized(self.mean, self.std), y
 
 
 def _validate(ds: Dataset) -> None:
     for part, x, y in (("train", ds.x_train, ds.y_train), ("test", ds.x_test, ds.y_test)):
-        if x.shape[0] == 0:
+        if len(x) == 0:
             raise QkitError(f"dataset {ds.name}: the {part} split is empty")
-        if x.ndim != 4:
-            raise QkitError(f"dataset {ds.name}: expected images shaped N×C×H×W, got {tuple(x.shape)}")
-        if x.shape[0] != y.shape[0]:
-            raise QkitError(f"dataset {ds.name}: {x.shape[0]} {part} images but {y.shape[0]} labels")
-        if not torch.isfinite(x).all():
+        if len(x.shape) != 4:
+            raise QkitError(f"dataset {ds.name}: expected images shaped N×C×H×W, got {x.shape}")
+        if len(x) != len(y):
+            raise QkitError(f"dataset {ds.name}: {len(x)} {part} images but {len(y)} labels")
+        if not x.all_finite():
             raise QkitError(f"dataset {ds.name}: the {part} images contain NaN or inf")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(ds.labels)):
             raise QkitError(f"dataset {ds.name}: {part} labels outside 0..{len(ds.labels) - 1}")
@@ -95,16 +88,14 @@ def _fixed_split(name: str, x: np.ndarray, y: np.ndarray, labels: list[str], sca
 
 
 def _make(name, x_train, y_train, x_test, y_test, labels, scale) -> Dataset:
-    def t(x):
-        x = np.asarray(x, dtype=np.float32) / np.float32(scale)
-        if x.ndim == 3:
-            x = x[:, None]
-        return torch.from_numpy(np.ascontiguousarray(x))
+    def images(x):  # uint8 pixels stay uint8 (and a memory map stays one); anything else becomes float32
+        x = x if isinstance(x, np.ndarray) and x.dtype == np.uint8 else np.asarray(x, dtype=np.float32)
+        return Images(x[:, None] if x.ndim == 3 else x, scale)
 
     def labels_of(y):  # a copy: labels read with np.frombuffer are read-only, which torch warns about
         return torch.from_numpy(np.array(y, dtype=np.int64))
 
-    return Dataset(name, t(x_train), labels_of(y_train), t(x_test), labels_of(y_test), labels, scale)
+    return Dataset(name, images(x_train), labels_of(y_train), images(x_test), labels_of(y_test), labels, scale)
 
 
 def _digits(_: str | None) -> Dataset:
@@ -214,79 +205,13 @@ class _SafeUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-
-
-def _open_image(path: Path, size: int | None) -> np.ndarray:
-    """One image as H×W (grey) or H×W×3 uint8; with ``size``, its shorter side resized to ``size`` (PIL
-    bilinear, which filters when shrinking) and the centre ``size``×``size`` cropped."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    with Image.open(path) as im:
-        im = im.convert("L" if im.mode in ("1", "L", "I;16", "I", "F") else "RGB")
-    if size:
-        w, h = im.size
-        k = size / min(w, h)
-        im = im.resize((max(size, round(w * k)), max(size, round(h * k))), Image.BILINEAR)
-        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-    return np.asarray(im)
-
-
 def _imagefolder(arg: str | None, image_size: int | None = None) -> Dataset:
-    """DIR/train/<class>/* and DIR/test/<class>/*, or DIR/<class>/* with the fixed 1-in-5 test split.
-
-    Any format PIL reads; colour if any image is colour (grey images are then repeated to RGB). Images of
-    one size are taken as they are; ``image_size`` resizes each (shorter side) and crops its centre square,
-    which mixed sizes need."""
-    from PIL import Image
-
+    """See :mod:`qkit.data.imagefolder`: pixels memory-mapped from its decode cache, never loaded whole."""
     if not arg or not Path(arg).is_dir():
         raise QkitError(f"imagefolder: {arg!r} is not a directory")
-    root = Path(arg)
-
-    def scan(d: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-        classes = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return classes, [(f, i) for i, c in enumerate(classes) for f in sorted((d / c).iterdir())
-                         if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-
-    def decode(items) -> list[np.ndarray]:
-        try:
-            with warnings.catch_warnings():  # PIL only warns below twice its pixel limit: refuse there too
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                return [_open_image(f, image_size) for f, _ in items]
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise QkitError(f"imagefolder: unreadable image ({type(exc).__name__}: {str(exc)[:200]})") from None
-
-    def stack(imgs: list[np.ndarray], items, rgb: bool):
-        if rgb:  # grey beside colour: repeated to RGB, as PIL's convert("RGB") does
-            imgs = [np.repeat(a[..., None], 3, 2) if a.ndim == 2 else a for a in imgs]
-        if len({a.shape for a in imgs}) != 1:
-            raise QkitError(f"imagefolder: images differ in size ({', '.join(sorted({str(a.shape[:2]) for a in imgs})[:3])}"
-                            "…); pass --image-size S to resize each and crop its centre S×S")
-        x = np.stack(imgs)
-        return (x.transpose(0, 3, 1, 2) if x.ndim == 4 else x), np.array([c for _, c in items])
-
-    split = (root / "train").is_dir() and (root / "test").is_dir()
-    if split:
-        classes, train = scan(root / "train")
-        classes_test, test = scan(root / "test")
-        if classes != classes_test:
-            raise QkitError("imagefolder: train/ and test/ hold different classes")
-    else:
-        classes, train = scan(root)
-        test = []
-    if not train or (split and not test):
-        raise QkitError(f"imagefolder: {root} has no class folders with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    img_train, img_test = decode(train), decode(test)
-    rgb = any(a.ndim == 3 for a in img_train + img_test)
-    if split:
-        (xtr, ytr), (xte, yte) = stack(img_train, train, rgb), stack(img_test, test, rgb)
-        ds = _make("imagefolder", xtr, ytr, xte, yte, classes, 255.0)
-    else:
-        x, y = stack(img_train, train, rgb)
-        ds = _fixed_split("imagefolder", x, y, classes, 255.0)
+    folder, x_train, x_test = imagefolder.read(Path(arg), image_size)
+    labels = [np.array([c for _, c in items], np.int64) for items in (folder.train, folder.test)]
+    ds = _make("imagefolder", x_train, labels[0], x_test, labels[1], folder.classes, 255.0)
     if image_size:
         ds.resize = f"shorter side resized to {image_size} px (bilinear), centre {image_size}x{image_size} crop"
     return ds
@@ -299,12 +224,7 @@ def _npz_sizes(path: str) -> int:
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             with zf.open(info) as fh:
-                version = np.lib.format.read_magic(fh)
-                header = {(1, 0): np.lib.format.read_array_header_1_0,
-                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                if header is None:
-                    raise ValueError(f"{info.filename}: .npy format {version}")
-                shape, _, dtype = header(fh)
+                shape, _, dtype = npy_header(fh)
             total += int(np.prod(shape, dtype=object)) * dtype.itemsize
     return total
 
@@ -356,7 +276,9 @@ def _synthetic(arg: str | None, default_shape: tuple[int, int, int] = (1, 28, 28
     g = torch.Generator().manual_seed(0)
     x = torch.rand((640, *shape), generator=g)
     y = torch.randint(0, 10, (640,), generator=g)
-    return Dataset("synthetic", x[:512], y[:512], x[512:], y[512:], [str(i) for i in range(10)], 1.0)
+    x = x.numpy()
+    return Dataset("synthetic", Images(x[:512], 1.0), y[:512], Images(x[512:], 1.0), y[512:],
+                   [str(i) for i in range(10)], 1.0)
 
 
 READERS = {

@@ -362,8 +362,10 @@ def load_method(path: Path):
         raise QkitError(f"ExecuTorch cannot load {path.name}: {missing or e}") from None
 
 
-def run_pte(path: Path, x: np.ndarray) -> np.ndarray:
-    """Logits of ``x`` (N, C, H, W) through ExecuTorch's runtime, one image at a time (the .pte is batch 1)."""
+def run_pte(path: Path, x: Any, dtype: Any = np.float32) -> np.ndarray:
+    """Logits of ``x`` (N, C, H, W: an array or :class:`qkit.data.Images`) through ExecuTorch's runtime as
+    ``dtype``, one image at a time (the .pte is batch 1)."""
     method = load_method(path)
     # outputs alias the method's planned memory: copy each before the next call overwrites it
-    return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy().copy() for i in range(len(x))])
+    return np.concatenate([method.execute([torch.from_numpy(np.asarray(x[i:i + 1], dtype))])[0].numpy().copy()
+                           for i in range(len(x))])

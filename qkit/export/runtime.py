@@ -99,9 +99,11 @@ def float_layers(model: onnx.ModelProto, limit: int = 20) -> dict[str, str]:
     return found
 
 
-def run_onnx(path: str | os.PathLike, x: np.ndarray, batch_size: int = 250, threads: int | None = None,
-             basic: bool = False) -> np.ndarray:
-    """Logits from ONNX Runtime's CPU provider (``basic``: ORT_ENABLE_BASIC, for packed INT2/INT4 files)."""
+def run_onnx(path: str | os.PathLike, x: Any, batch_size: int = 250, threads: int | None = None,
+             basic: bool = False, dtype: Any = np.float32) -> np.ndarray:
+    """Logits from ONNX Runtime's CPU provider (``basic``: ORT_ENABLE_BASIC, for packed INT2/INT4 files).
+    ``x``: an array, or anything whose slices are (:class:`qkit.data.Images`), fed ``batch_size`` at a time
+    as ``dtype``."""
     import onnxruntime as ort
 
     so = session_options(threads)
@@ -112,5 +114,5 @@ def run_onnx(path: str | os.PathLike, x: np.ndarray, batch_size: int = 250, thre
     except Exception as exc:  # ORT raises its own exception types on invalid models
         raise QkitError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0].astype(np.float32)
+    return np.concatenate([sess.run(None, {name: np.asarray(x[i:i + batch_size], dtype)})[0].astype(np.float32)
                            for i in range(0, len(x), batch_size)])

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 import qkit
-from qkit.data import Dataset, load_dataset
+from qkit.data import Dataset, Images, load_dataset
 from qkit.errors import QkitError
 from qkit.fileio import replace_with, write_json, write_text
 from qkit.models import create_model, default_input_shape, list_models
@@ -39,6 +39,7 @@ from qkit.training.loss import Objective
 from qkit.training.rundir import claim_run_dir, default_run_dir
 
 __all__ = ["train", "predict", "top1", "seed_everything", "default_run_dir"]
+PREDICT_INPUT_FLOATS = 1 << 20  # input values per evaluation batch: 500 digits, 341 RGB 32×32, 85 RGB 64×64
 
 
 def seed_everything(seed: int) -> None:
@@ -48,9 +49,12 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str = "cpu",
+def predict(model: nn.Module, x: torch.Tensor | Images, batch_size: int | None = None, device: str = "cpu",
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Logits of ``model`` (eval mode, no_grad: Brevitas needs it rather than inference_mode)."""
+    """Logits of ``model`` on ``x``, ``batch_size`` images at a time (None: up to 500, fewer for large
+    images, whose activations would otherwise take hundreds of MB) in eval mode under no_grad (Brevitas
+    needs it rather than inference_mode)."""
+    batch_size = batch_size or max(1, min(500, PREDICT_INPUT_FLOATS // math.prod(x.shape[1:])))
     model.eval()
     out = [model(x[i:i + batch_size].to(device, dtype)).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from qkit.data import Images
 from qkit.quant.recipe import TrainConfig
 
 
@@ -117,7 +118,7 @@ class TrainState:
 class Batches:
     """One epoch's batches of one process: its shard of the shuffled training set, augmented."""
 
-    x: torch.Tensor
+    x: torch.Tensor | Images  # read one batch at a time
     y: torch.Tensor
     order: torch.Tensor
     per_batch: int
