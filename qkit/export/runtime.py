@@ -114,5 +114,10 @@ def run_onnx(path: str | os.PathLike, x: Any, batch_size: int = 250, threads: in
     except Exception as exc:  # ORT raises its own exception types on invalid models
         raise QkitError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: np.asarray(x[i:i + batch_size], dtype)})[0].astype(np.float32)
-                           for i in range(0, len(x), batch_size)])
+    logits = np.empty(0, np.float32)
+    for i in range(0, len(x), batch_size):  # filled in place, as qkit.training.predict (heap fragmentation)
+        out = sess.run(None, {name: np.asarray(x[i:i + batch_size], dtype)})[0]
+        if i == 0:
+            logits = np.empty((len(x), *out.shape[1:]), np.float32)
+        logits[i:i + len(out)] = out
+    return logits
