@@ -97,3 +97,39 @@ def stale_factory(num_classes: int = 10) -> nn.Module:
         layers += [nn.Conv2d(c, 32, 3, padding=1), nn.BatchNorm2d(32, momentum=0.01), nn.ReLU()]
         c = 32
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * 8 * 8, num_classes))
+
+
+class _DeadGate(nn.Module):
+    """conv → ReLU → a 1×1 conv whose ReLU is zero on every image (as a squeeze-excitation branch that
+    died) → a 1×1 conv with a bias, which then outputs its bias alone → classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.dead = nn.Conv2d(4, 2, 1)
+        self.expand = nn.Conv2d(2, 4, 1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+        with torch.no_grad():
+            self.dead.weight.copy_(-self.dead.weight.abs())
+            self.dead.bias.fill_(-1.0)
+            self.expand.bias.copy_(torch.tensor([1.5, -2.0, 0.7, 3.0]))
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.fc((y * torch.relu(self.expand(torch.relu(self.dead(y))))).flatten(1))
+
+
+def test_an_activation_dead_on_every_calibration_image_keeps_its_consumers_bias(tmp_path):
+    """A dead activation gets Brevitas's floor scale (~1e-10): its consumer's int32 bias b/(s_x·s_w) then
+    overflowed and was clipped, so the exported layer computed another constant than the model (timm's
+    mobilenetv3_small_100: parity 84.5 %). Its scale is floored where the bias fits: exact again."""
+    from qkit.training.calibrate import calibrate
+
+    ds = load_dataset("digits")
+    x, _ = ds.split("train")
+    torch.manual_seed(0)
+    net = qkit.quantize(_DeadGate(), qkit.load_recipe("int8"))
+    calibrate(net, x, 500)
+    bundle = qkit.export(net, tmp_path / "b", example_input=x[:2], data="digits")
+    r = qkit.check(bundle, targets=())
+    assert r["parity"]["agreement"] == 100.0 and r["parity"]["max_abs_logit_diff"] < 0.05

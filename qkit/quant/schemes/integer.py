@@ -16,6 +16,11 @@ from qkit.quant.schemes import Scheme, register_scheme
 
 # 8-bit layers train on the 7-bit grid ±63 in int8 containers: exact on every x86 kernel (deploy.INT_WEIGHT_MAX)
 TRAIN_WEIGHT_BITS_MAX = 7
+# An activation that is zero on every calibration image (a dead squeeze-excitation branch) gets Brevitas's
+# floor scale, ~1e-10; its consumer's int32 bias b/(s_x·s_w) then overflows int32 and is clipped, so the
+# exported layer computes another constant than the model. At this floor the bias fits, and the dead
+# activation's values (zero) are on either grid.
+MIN_ACT_SCALE = 1e-5
 
 
 @functools.cache
@@ -104,5 +109,5 @@ class IntegerScheme(Scheme):
 
         aq = m.act_quant
         zp = float(aq.zero_point().detach().flatten()[0]) if aq.zero_point() is not None else 0.0
-        return QuantAct(float(aq.scale().detach().flatten()[0]), round(zp), 2 ** int(aq.bit_width()),
-                        relu=isinstance(m, qnn.QuantReLU))
+        scale = max(float(aq.scale().detach().flatten()[0]), MIN_ACT_SCALE)
+        return QuantAct(scale, round(zp), 2 ** int(aq.bit_width()), relu=isinstance(m, qnn.QuantReLU))
