@@ -59,3 +59,22 @@ def test_resized_crop_takes_a_window_of_each_image():
 def test_mixed_sizes_without_image_size_is_one_line(photos, tmp_path):
     r = run_cli("train", "--data", f"imagefolder:{photos}", "--out", str(tmp_path / "r"))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--image-size" in r.stderr
+
+
+def test_a_model_object_trained_on_photos_exports_with_the_folders_preprocessing(photos, tmp_path):
+    """Your own loop on `load_dataset(..., image_size=24)`: the export reads the folder at the example input's
+    size (it refused mixed sizes before), and the bundle records that resize and checks in parity."""
+    import qkit
+    from qkit.data import load_dataset
+    from qkit.training.calibrate import calibrate
+
+    x, _ = load_dataset(f"imagefolder:{photos}", image_size=24).split("train")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 22 * 22, 10))
+    net = qkit.quantize(net, qkit.load_recipe("int8"))
+    calibrate(net, x, 200)
+    bundle = qkit.export(net, tmp_path / "b", example_input=x[:2], data=f"imagefolder:{photos}")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["input"]["resize"] == "shorter side resized to 24 px (bilinear), centre 24x24 crop"
+    assert qkit.check(bundle, targets=())["parity"]["agreement"] >= 99.5

@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qkit.errors import QkitError
 from qkit.export.runtime import execution_report
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, remove_unused, \
     requantize_after_moves
@@ -123,6 +124,22 @@ def test_quantize_bias_keeps_the_sign_of_a_layer_feeding_a_sign_activation():
     assert np.all(b % g == g // 2)  # never a multiple of g: acc + b is never 0
     x = RNG.choice([-1.0, 1.0], (64, 6)).astype(np.float32)
     assert np.array_equal(np.sign(x @ w_int.T + b), np.sign(x @ w_int.T + bias))
+
+
+def test_quantize_bias_refuses_a_bias_beyond_int32_that_clipping_would_change():
+    """Clipped to int32, this layer would compute another constant than the model: an error naming it."""
+    model = _gemm(RNG.integers(-63, 64, (3, 4)), np.full(3, 0.01), np.array([0.5, -2.0, 0.1]), 1e-10)
+    with pytest.raises(QkitError, match=r"layer y: channel 0's bias is 5e\+11 units .* clipping it would change"):
+        quantize_bias(model)
+
+
+def test_quantize_bias_clips_a_bias_beyond_int32_where_every_output_stays_the_same():
+    """A sign activation after a bias far beyond any accumulator: the clipped bias gives the same signs."""
+    w_int, eps = RNG.integers(-3, 4, (2, 6)), 2.0**-20
+    model = _gemm(w_int, np.ones(2), np.array([-5e9, 7e9]), 1.0, eps)
+    b = numpy_helper.to_array(next(i for i in quantize_bias(model, sign_scales={eps}).graph.initializer
+                                   if i.name == "b_int32"))
+    assert b.tolist() == [-(2**31 - 1), 2**31 - 1]
 
 
 @pytest.mark.parametrize("bits,k", [(4, 8), (2, 64)])

@@ -142,19 +142,22 @@ def _manifest(recipe: Recipe, input_shape: tuple[int, ...], labels: list[str], o
 
 def export(source: str | Path | nn.Module, out: str | Path | None = None, opset: int | None = None,
            mobile: bool = False, overwrite: bool = False, model: str | None = None, *,
-           example_input: torch.Tensor | None = None, data: str | None = None) -> Path:
+           example_input: torch.Tensor | None = None, data: str | None = None, mean: list[float] | None = None,
+           std: list[float] | None = None) -> Path:
     """Write the bundle for ``source`` and return its directory.
 
     ``source``: a run folder, or a model prepared by ``qkit.quantize`` and trained by any loop; then
     ``example_input`` (a batch) gives the input shape, and ``data`` (the dataset it was trained on) the
-    labels, the preprocessing and the reference logits on its test split that ``qkit check`` compares with.
+    labels, the preprocessing and the reference logits on its test split that ``qkit check`` compares with
+    (an image folder read at ``example_input``'s size; ``mean``/``std`` if you gave them to ``load_dataset``).
     ``out`` must be new, empty or a bundle unless ``overwrite``. ``model``: the ``pkg.module:factory`` of a
     run of a user model (never taken from the checkpoint)."""
     if isinstance(source, nn.Module):
         if example_input is None or example_input.dim() < 2 or out is None:
             raise QkitError("exporting a model object needs out= and example_input= (a batch of inputs)")
         facts = {"model": type(source).__name__, "input_shape": list(example_input.shape[1:]), "data": data,
-                 "seed": None}
+                 "seed": None, "mean": mean, "std": std,
+                 "image_size": example_input.shape[-1] if (data or "").startswith("imagefolder:") else None}
         check_output(Path(out), "bundle", is_bundle, overwrite)  # refuse before the work, not after
         return _export(source, recipe_of(source), facts, Path(out), opset, mobile, overwrite, None)
     dest = Path(out) if out else Path("export") / Path(source).resolve().name

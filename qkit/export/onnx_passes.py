@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qkit.errors import QkitError
 from qkit.quant.moves import ONNX_OPS, onnx_source
 
 
@@ -173,6 +174,36 @@ def _input_range(dq_x, producer, consts) -> tuple[int, int, int]:
     return info.min - int(zp), info.max - int(zp), step
 
 
+def _acc_range(w_row: np.ndarray, x_range: tuple[int, int, int]) -> tuple[float, float]:
+    """Lowest and highest accumulator one output channel reaches over every input integer in ``x_range``."""
+    w, lo_x, hi_x = w_row.astype(np.int64), x_range[0], x_range[1]
+    return float(np.minimum(w * lo_x, w * hi_x).sum()), float(np.maximum(w * lo_x, w * hi_x).sum())
+
+
+def _check_int32(node, b_int: np.ndarray, beta: np.ndarray, w_int: np.ndarray, x_range, S: np.ndarray,
+                 out: tuple[float, int, int] | None, sign: bool) -> np.ndarray:
+    """``b_int`` in int32. A channel's bias beyond int32 (a far-saturated channel, or a dead input's tiny
+    scale) is clipped only where every reachable accumulator still gives the same output: the sign, or one
+    saturated level. Otherwise the exported layer would compute another constant than the model: an error."""
+    limit = 2**31 - 1
+    rows = w_int.reshape(len(b_int), -1)
+    for c in np.flatnonzero(np.abs(b_int) > limit):
+        ends = np.array(_acc_range(rows[c], x_range))
+        clipped = np.clip(b_int[c], -limit, limit)
+        if sign:
+            same = np.abs(ends).max() < limit
+        elif out is not None:
+            true, kept = (np.clip(np.rint((ends + b) * S[c] / out[0]), out[1], out[2]) for b in (beta[c], clipped))
+            same = true[0] == true[1] and np.array_equal(true, kept)  # one level over the whole range
+        else:
+            same = False
+        if not same:
+            raise QkitError(f"layer {node.name or node.output[0]}: channel {c}'s bias is {beta[c]:.3g} units of "
+                            f"its input scale × weight scale ({S[c]:.3g}), beyond int32, and clipping it would change "
+                            "the layer's output; an input quantizer that saw only zeros in training gives such a scale")
+    return np.clip(b_int, -limit, limit).astype(np.int32)
+
+
 def _threshold_exact_bias(beta: float, w_row: np.ndarray, s_x: float, s_w: float, s_y: float,
                           levels: tuple[int, int], x_range: tuple[int, int, int]) -> tuple[int, float] | None:
     """Int32 bias B and weight-scale factor c with which integer kernels requantize one output channel
@@ -184,10 +215,9 @@ def _threshold_exact_bias(beta: float, w_row: np.ndarray, s_x: float, s_w: float
     multiple of G at or above t_j. Rounding b alone misses that by up to ½ for each threshold; choosing B
     and a slightly rescaled c (which moves the thresholds apart) meets all of them.
     """
-    lo_x, hi_x, step = x_range
     w = w_row.astype(np.int64)
-    a_min, a_max = float(np.minimum(w * lo_x, w * hi_x).sum()), float(np.maximum(w * lo_x, w * hi_x).sum())
-    g = int(np.gcd.reduce(np.abs(w))) * step
+    a_min, a_max = _acc_range(w, x_range)
+    g = int(np.gcd.reduce(np.abs(w))) * x_range[2]
     if g == 0:
         return None
     S = s_x * s_w
@@ -247,10 +277,10 @@ def quantize_bias(model: onnx.ModelProto, sign_scales: set[float] = frozenset())
         beta = bias / (s_x * s_w)
         b_int, factor = np.rint(beta), np.ones_like(s_w)
         out = _output_levels(node, users, consts)
-        if _feeds_sign(node, users, consts, sign_scales):
+        sign, x_range = _feeds_sign(node, users, consts, sign_scales), _input_range(dq_x, producer, consts)
+        if sign:
             b_int = _sign_exact_bias(beta, w_int)
         elif out is not None:
-            x_range = _input_range(dq_x, producer, consts)
             rows = w_int.reshape(len(bias), -1)
             for c in range(len(bias)):
                 found = _threshold_exact_bias(beta[c], rows[c], s_x, s_w[c], out[0], out[1:], x_range)
@@ -262,7 +292,7 @@ def quantize_bias(model: onnx.ModelProto, sign_scales: set[float] = frozenset())
             new_inits.append(numpy_helper.from_array(s_w.astype(np.float32), name))
             dq_w.input[1] = name
         scale = (np.float32(s_x) * s_w.astype(np.float32)).astype(np.float32)
-        b_int = np.clip(b_int, -(2**31), 2**31 - 1).astype(np.int32)
+        b_int = _check_int32(node, b_int, beta, w_int, x_range, s_x * s_w, out, sign)
         base = node.input[2] + "_int32"
         new_inits += [numpy_helper.from_array(b_int, base), numpy_helper.from_array(scale, base + "_scale"),
                       numpy_helper.from_array(np.zeros_like(b_int), base + "_zp")]
