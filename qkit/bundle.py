@@ -80,6 +80,8 @@ class Manifest:
     source_run: str | None
     qkit_version: str
     executorch: dict[str, Any] | None = None  # the .pte's delegation report, or why there is none
+    # layers whose reference used the exported int32-grid bias; answers that changed; top-1 with float biases
+    int32_biases: dict[str, Any] | None = None
     dir: Path | None = field(default=None, compare=False)  # where it was read from or written to
 
     # -- facts other modules ask for ------------------------------------------------------------------

@@ -131,7 +131,8 @@ def check(bundle: str | Path, baseline: str | None = None, data: str | None = No
     ref = None
     if data == manifest.data and manifest.has(REFERENCE):
         ref = _reference(manifest.file(REFERENCE), len(y))
-        result.parity = {**_agreement(logits, ref), "torch_top1": manifest.top1, "min_agreement": PARITY_MIN_AGREEMENT}
+        result.parity = {**_agreement(logits, ref), "torch_top1": manifest.top1, "min_agreement": PARITY_MIN_AGREEMENT,
+                         "int32_biases": manifest.int32_biases}
     if manifest.shipping:  # the packed file must compute what model.onnx computes
         packed = run_onnx(manifest.file(manifest.shipping), x, dtype=manifest.input.dtype, basic=True)
         result.packed = {"file": manifest.shipping, "top1": _top1(packed, y),

@@ -232,6 +232,11 @@ def _check_lines(c: CheckResult) -> list[str]:
         p = c.parity
         lines.append(f"  parity with PyTorch: {p['agreement']:.2f}% same class (≥ {p['min_agreement']} needed), "
                      f"max |Δlogit| {p['max_abs_logit_diff']:.4g}")
+        if p.get("int32_biases"):
+            b = p["int32_biases"]
+            lines.append(f"  PyTorch ran with the {b['layers']} layers' int32 biases the runtimes add: rounding them "
+                         f"changed {b['changed_answers']:.2f}% of its answers (top1 {b['top1_float_biases']:.2f}% "
+                         "with float biases)")
     if c.packed:
         k = c.packed
         lines.append(f"  {k['file']} (packed low-bit weights): {k['agreement_with_runtime_file']:.2f}% same class "

@@ -35,8 +35,10 @@ def test_recipe_learns_exports_and_keeps_parity(bundles, name):
         assert target["proven_exact"] and target["passed"], (name, target)
         for run in (v for k, v in target.items() if k.startswith("model.")):
             assert run["agreement_with_native"] >= 99.9 and abs(run["top1"] - result["top1"]) <= 0.1, (name, run)
-            # integer kernels give the native logits; fp16 differs where the CPU has fp16 arithmetic (ARM64)
-            tol = 1e-3 if load_recipe(manifest["recipe"]).is_quantized else 0.01 * float(np.abs(ref).max())
+            # integer kernels give the native logits; fp16 differs where the CPU has fp16 arithmetic (ARM64),
+            # AdderNet's float |x − w| sums where it fuses multiply-adds
+            exact = load_recipe(manifest["recipe"]).is_quantized and not manifest["adder"]
+            tol = 1e-3 if exact else 0.01 * float(np.abs(ref).max())
             assert run["max_abs_logit_diff"] <= result["parity"]["max_abs_logit_diff"] + tol, (name, run)
 
 

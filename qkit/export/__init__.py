@@ -23,6 +23,7 @@ from qkit.errors import QkitError
 from qkit.export import executorch as pte
 from qkit.export import overflow
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
+from qkit.export.reference import changed_answers, exported_biases
 from qkit.export.runtime import execution_report, session_options
 from qkit.fileio import check_output, staged_output
 from qkit.quant import SCHEMES, Recipe, convert, recipe_of
@@ -104,11 +105,9 @@ def _opset(opset: int | None, recipe: Recipe) -> int:
     return opset
 
 
-def _write(dest: Path, net: nn.Module, manifest: Manifest, recipe: Recipe, mobile: bool, overwrite: bool,
-           reference: tuple[np.ndarray, np.ndarray] | None) -> Path:
-    """Convert, write and seal the bundle at ``dest`` (atomically replacing an older bundle)."""
-    deploy = convert(net, recipe)
-    proto, packed = to_onnx(deploy, recipe, manifest.input_shape, manifest.opset)
+def _write(dest: Path, deploy: nn.Module, proto: onnx.ModelProto, packed: onnx.ModelProto | None, manifest: Manifest,
+           recipe: Recipe, mobile: bool, overwrite: bool, reference: tuple[np.ndarray, np.ndarray] | None) -> Path:
+    """Write and seal the bundle at ``dest`` (atomically replacing an older bundle)."""
     if packed is not None:
         manifest.roles["shipping"] = {"file": PACKED, "opset": packed.opset_import[0].version,
                                       "note": "low-bit weights stored at their width (INT4/INT2); same math as "
@@ -168,19 +167,29 @@ def export(source: str | Path | nn.Module, out: str | Path | None = None, opset:
 
 def _export(net: nn.Module, recipe: Recipe, meta: dict[str, Any], dest: Path, opset: int | None, mobile: bool,
             overwrite: bool, source_run: str | None) -> Path:
-    """Reference logits on the test split of ``meta["data"]`` (if any), then the bundle."""
-    input_shape = tuple(meta["input_shape"])
+    """The ONNX, then reference logits on the test split of ``meta["data"]`` (if any) from the trained model
+    with the biases that ONNX holds (:mod:`qkit.export.reference`), then the bundle."""
+    input_shape, opset = tuple(meta["input_shape"]), _opset(opset, recipe)
+    deploy = convert(net, recipe)
+    proto, packed = to_onnx(deploy, recipe, input_shape, opset)
     facts: dict[str, Any] = {"top1": None}
     reference = None
     if meta["data"] is not None:
         ds = load_dataset(meta["data"], default_shape=input_shape, image_size=meta.get("image_size"),
                           mean=meta.get("mean"), std=meta.get("std"))
         x_test, y_test = ds.split("test")
-        logits = predict(net, x_test)
+        with exported_biases(net, deploy, proto) as layers:
+            logits = predict(net, x_test)
         reference = (logits.numpy(), y_test.numpy())
         facts = {"top1": top1(logits, y_test), **{k: getattr(ds, k) for k in ("scale", "mean", "std", "resize")}}
+        if layers:
+            plain = predict(net, x_test)
+            facts["int32_biases"] = {"layers": layers, "changed_answers": changed_answers(logits, plain),
+                                     "top1_float_biases": top1(plain, y_test)}
         meta = {"labels": ds.labels, **meta}
     labels = meta.get("labels") or [str(i) for i in range(int(predict(net, torch.zeros(1, *input_shape)).shape[1]))]
-    manifest = _manifest(recipe, input_shape, labels, _opset(opset, recipe), model=meta["model"], data=meta["data"],
+    manifest = _manifest(recipe, input_shape, labels, opset, model=meta["model"], data=meta["data"],
                          seed=meta.get("seed"), source_run=source_run, **facts)
-    return _write(dest, net, manifest, recipe, mobile, overwrite, reference)
+    return _write(dest, deploy, proto, packed, manifest, recipe, mobile, overwrite, reference)
+
+

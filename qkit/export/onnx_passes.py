@@ -6,6 +6,7 @@ if any, is int32 at scale s_x·s_w; the TorchScript exporter leaves float weight
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -174,6 +175,27 @@ def _input_range(dq_x, producer, consts) -> tuple[int, int, int]:
     return info.min - int(zp), info.max - int(zp), step
 
 
+RESCALED = "qkit_rescaled_channels"  # metadata: {bias name: channels whose weight scale quantize_bias rescaled}
+
+
+def int32_biases(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{float bias name: b_int·s_x·s_w, the bias integer kernels add} of each layer :func:`quantize_bias` put on
+    its int32 grid; NaN for a channel whose weight scale it rescaled instead (there the integer kernels pick the
+    float layer's levels, the float bias is the one to compare with)."""
+    consts, biases = _const_values(model), {}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    meta = {p.key: p.value for p in model.metadata_props}
+    rescaled = json.loads(meta.get(RESCALED, "{}"))
+    for node in model.graph.node:
+        dq_b = producer.get(node.input[2]) if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 else None
+        if dq_b is not None and dq_b.op_type == "DequantizeLinear" and dq_b.input[0].endswith("_int32"):
+            name = dq_b.input[0][:-len("_int32")]
+            b = consts[dq_b.input[0]].astype(np.float64) * consts[dq_b.input[1]].astype(np.float64)
+            b[rescaled.get(name, [])] = np.nan
+            biases[name] = b
+    return biases
+
+
 def _acc_range(w_row: np.ndarray, x_range: tuple[int, int, int]) -> tuple[float, float]:
     """Lowest and highest accumulator one output channel reaches over every input integer in ``x_range``."""
     w, lo_x, hi_x = w_row.astype(np.int64), x_range[0], x_range[1]
@@ -261,17 +283,15 @@ def quantize_bias(model: onnx.ModelProto, sign_scales: set[float] = frozenset())
     for n in model.graph.node:
         for i in n.input:
             users.setdefault(i, []).append(n)
-    new_nodes, new_inits = [], []
+    new_nodes, new_inits, rescaled = [], [], {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
             continue
         dq_x, dq_w = onnx_source(node.input[0], producer), producer.get(node.input[1])  # ORT moves DQ across moves
-        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear") \
+                or dq_x.input[1] not in consts or dq_w.input[1] not in consts:
             continue
-        if dq_x.input[1] not in consts or dq_w.input[1] not in consts:
-            continue
-        s_x = float(consts[dq_x.input[1]])
-        w_int = consts[dq_w.input[0]]
+        s_x, w_int = float(consts[dq_x.input[1]]), consts[dq_w.input[0]]
         s_w = consts[dq_w.input[1]].astype(np.float64).reshape(-1) * np.ones(w_int.shape[0])
         bias = consts[node.input[2]].astype(np.float64)
         beta = bias / (s_x * s_w)
@@ -287,6 +307,7 @@ def quantize_bias(model: onnx.ModelProto, sign_scales: set[float] = frozenset())
                 if found is not None:
                     b_int[c], factor[c] = found
         if (factor != 1).any():
+            rescaled[node.input[2]] = np.flatnonzero(factor != 1).tolist()
             s_w = s_w * factor
             name = dq_w.input[1] + "_exact"
             new_inits.append(numpy_helper.from_array(s_w.astype(np.float32), name))
@@ -300,6 +321,8 @@ def quantize_bias(model: onnx.ModelProto, sign_scales: set[float] = frozenset())
                                           [base + "_dq"], name=base + "_DequantizeLinear", axis=0))
         node.input[2] = base + "_dq"
     model.graph.initializer.extend(new_inits)
+    if rescaled:
+        model.metadata_props.add(key=RESCALED, value=json.dumps(rescaled))
     # Insert the new DQ nodes first: they depend on initializers only, so topological order holds.
     nodes = new_nodes + list(model.graph.node)
     del model.graph.node[:]

@@ -24,7 +24,7 @@ def recipe_of(model: nn.Module) -> Recipe:
     return recipe
 
 
-def _following_bn(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+def following_bn(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     """The BatchNorm node that is ``node``'s only consumer, if any."""
     if len(node.users) != 1:
         return None
@@ -52,7 +52,7 @@ def convert(model: nn.Module, recipe: Recipe | None = None) -> nn.Module:
         scheme, weighted = found
         m = gm.get_submodule(node.target)
         if weighted:
-            bn_node = _following_bn(node, gm)
+            bn_node = following_bn(node, gm)
             mult, shift = bn_fold(gm.get_submodule(bn_node.target) if bn_node else None, m.weight.shape[0])
             set_module(gm, node.target, scheme.convert_layer(m, mult, shift))
             if bn_node is not None:
