@@ -23,7 +23,7 @@ from qkit.errors import QkitError
 from qkit.export import executorch as pte
 from qkit.export import overflow
 from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
-from qkit.export.reference import changed_answers, exported_biases
+from qkit.export.reference import exported_biases
 from qkit.export.runtime import execution_report, session_options
 from qkit.fileio import check_output, staged_output
 from qkit.quant import SCHEMES, Recipe, convert, recipe_of
@@ -184,7 +184,7 @@ def _export(net: nn.Module, recipe: Recipe, meta: dict[str, Any], dest: Path, op
         facts = {"top1": top1(logits, y_test), **{k: getattr(ds, k) for k in ("scale", "mean", "std", "resize")}}
         if layers:
             plain = predict(net, x_test)
-            facts["int32_biases"] = {"layers": layers, "changed_answers": changed_answers(logits, plain),
+            facts["int32_biases"] = {"layers": layers, "changed_answers": round(100.0 - top1(logits, plain.argmax(1)), 2),
                                      "top1_float_biases": top1(plain, y_test)}
         meta = {"labels": ds.labels, **meta}
     labels = meta.get("labels") or [str(i) for i in range(int(predict(net, torch.zeros(1, *input_shape)).shape[1]))]

@@ -52,7 +52,3 @@ def _adder(offset: torch.Tensor):
         return output + offset.to(output.device).view(1, -1, *([1] * (output.dim() - 2)))
     return hook
 
-
-def changed_answers(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Percent of rows whose top class differs."""
-    return round(float(np.mean(a.argmax(1).numpy() != b.argmax(1).numpy())) * 100, 2)
