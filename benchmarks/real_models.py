@@ -3,7 +3,7 @@ on a folder of mixed-size colour photos, their weights saved as a plain state_di
 (calibration only) and by QAT from those weights; every run exported and checked on every target CPU.
 
     python benchmarks/real_models.py [--models torchvision.models:resnet18,...] [--fp32-epochs 6]
-        [--qat-epochs 2] [--qat-lr LR] [--size 32] [--work /tmp/qkit-real] [--out reports/real_models.md]
+        [--fp32-lr LR] [--qat-epochs 2] [--qat-lr LR] [--size 32] [--work /tmp/qkit-real] [--out reports/real_models.md]
 
 The photo folder is benchmarks/photo_folder.py's (mnist5k's digits, 4,000 train / 1,000 test, colour,
 24-64 px). One row per model: fp32, PTQ and QAT top-1 from `qkit check` (ONNX Runtime on the test split),
@@ -47,12 +47,14 @@ def checked(run: Path, bundle: Path, model: str, targets: str) -> dict:
 
 
 def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epochs: int,
-        qat_lr: float | None = None) -> dict:
+        fp32_lr: float | None = None, qat_lr: float | None = None) -> dict:
     tag = model.split(":")[-1] + ("-timm" if model.startswith("timm") else "")
     common = ["--model", model, "--data", data, "--image-size", str(size), "--overwrite"]
-    row, t0 = {"model": tag}, time.time()
+    schedule = f"{fp32_epochs} @ {fp32_lr or 'recipe'} / {qat_epochs} @ {qat_lr or 'recipe'}"
+    row, t0 = {"model": tag, "schedule": schedule}, time.time()
     fp32 = work / f"{tag}-fp32"
-    qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), "--out", str(fp32))
+    lr = ["--lr", str(fp32_lr)] if fp32_lr else []
+    qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), *lr, "--out", str(fp32))
     weights = work / f"{tag}.pth"  # what the user brings: a plain state_dict
     torch.save(torch.load(fp32 / "checkpoint.pt", weights_only=True)["state_dict"], weights)
     qat = ["--epochs", str(qat_epochs)] + (["--lr", str(qat_lr)] if qat_lr else [])
@@ -67,10 +69,11 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | fp32 top-1 | PTQ top-1 | QAT top-1 | QAT − fp32 | parity PTQ / QAT | int8 conv/matmul (QAT) "
-            "| float | targets (min) | s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | epochs @ lr: fp32 / QAT | fp32 top-1 | PTQ top-1 | QAT top-1 | QAT − fp32 | parity PTQ / QAT "
+            "| int8 conv/matmul (QAT) | float | targets (min) | s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['model']} | {r['fp32']['top1']:.2f} | {r['ptq']['top1']:.2f} | {r['qat']['top1']:.2f} | "
+        f"| {r['model']} | {r['schedule']} | {r['fp32']['top1']:.2f} | {r['ptq']['top1']:.2f} | "
+        f"{r['qat']['top1']:.2f} | "
         f"{r['qat']['top1'] - r['fp32']['top1']:+.2f} | {r['ptq']['parity']:.2f} / {r['qat']['parity']:.2f} | "
         f"{r['qat']['int8']} | {r['qat']['float']} | {r['qat']['targets_min']} | {r['seconds']} |\n" for r in rows)
 
@@ -79,6 +82,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--fp32-epochs", type=int, default=6)
+    p.add_argument("--fp32-lr", type=float, default=None, help="fp32's peak learning rate (default: the recipe's)")
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--qat-lr", type=float, default=None, help="QAT's peak learning rate (default: the int8 recipe's)")
     p.add_argument("--size", type=int, default=32)
@@ -90,7 +94,8 @@ def main() -> None:
         write_photo_folder(photos)
     rows = []
     for model in a.models.split(","):
-        rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs, a.qat_epochs, a.qat_lr))
+        rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs, a.qat_epochs,
+                        a.fp32_lr, a.qat_lr))
         print(json.dumps(rows[-1]), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(table(rows))

@@ -3,12 +3,16 @@ architecture, PTQ, export and check; the manifest says how to preprocess."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from qkit.data import load_dataset
+from qkit.models import create_model
+from qkit.training import train
 from qkit.training.loop import resized_crop
 from tests.conftest import run_cli
 
@@ -43,6 +47,20 @@ def test_photos_to_a_checked_int8_bundle(photos, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     result = json.loads(r.stdout)
     assert result["parity"]["agreement"] >= 99.5 and result["execution"]["fp32"] == 0
+
+
+def test_an_outside_model_trained_from_scratch_starts_with_its_classifier_at_zero(photos, tmp_path):
+    """torchvision's EfficientNet-B0 draws its 1280→10 head from ±1/√10, made for 1,000 classes: its first
+    loss is far above chance. From scratch qkit zeroes that head, so the first step's loss is exactly ln 10."""
+    data, model = f"imagefolder:{photos}", "torchvision.models:efficientnet_b0"
+    ds = load_dataset(data, image_size=32)
+    x, y = ds.split("train")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        as_built = torch.nn.functional.cross_entropy(create_model(model, 10, (3, 32, 32))(x[:]), y)
+    assert as_built > math.log(10) + 1
+    m = train(model, data, image_size=32, epochs=1, batch_size=len(y), out=tmp_path / "r", progress=False)
+    assert m["history"][0]["train_loss"] == pytest.approx(math.log(10), abs=1e-4)  # one step: its loss
 
 
 def test_resized_crop_takes_a_window_of_each_image():

@@ -93,6 +93,30 @@ def _load_init(net: nn.Module, init: str, model: str, ds: Dataset) -> None:
     checkpoint.load_strict(net, weights, f"--init {init}")
 
 
+def _initialise(net: nn.Module, init: str | None, model: str, ds: Dataset, ptq: bool) -> str | None:
+    """``init``'s weights, or for a model from outside the zoo trained from scratch a zero classifier (its name)."""
+    if init:
+        _load_init(net, init, model, ds)
+        return None
+    return None if ptq or model in list_models() else _zero_head(net, ds.num_classes)
+
+
+def _zero_head(net: nn.Module, num_classes: int) -> str | None:
+    """Zero an outside model's classifier (its last Linear with ``num_classes`` outputs) before training from
+    scratch. Architectures initialise heads for ImageNet's 1,000 classes: torchvision's EfficientNet draws its
+    1280→K weights from ±1/√K, so with K = 10 its first logits have a std of 5 and SGD spends epochs undoing
+    them (train loss above ln K for 6 epochs). From zero the first loss is ln K and the body still learns."""
+    heads = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    if not heads:
+        return None
+    name, head = heads[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    return name
+
+
 class _Session:
     """One run in progress: the data, the training state, the run folder and its log."""
 
@@ -217,10 +241,11 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     ``calibrate_images`` training images, no gradient step; the recipe is named ``NAME-ptq``.
     ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off;
     None: :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own,
-    whose statistics settle in their recipes). ``image_size``, ``mean``, ``std``: see
-    :func:`qkit.data.load_dataset`. ``crop_augment``/``flip_augment`` override the recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with
-    DistributedDataParallel: each rank takes a DistributedSampler shard of every global batch, and only rank
-    0 evaluates and writes files.
+    whose statistics settle in their recipes). A model from outside the zoo trained from scratch (no ``init``)
+    starts with its classifier at zero (:func:`_zero_head`). ``image_size``, ``mean``, ``std``: see
+    :func:`qkit.data.load_dataset`. ``crop_augment``/``flip_augment`` override the recipe's. Under
+    ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a DistributedSampler
+    shard of every global batch, and only rank 0 evaluates and writes files.
     """
     augment = {"crop_augment": crop_augment, "flip_augment": flip_augment}
     recipe, ptq, bn_images = _post_training(_recipe(recipe, data, epochs, batch_size, lr, augment), model, bn_images)
@@ -232,8 +257,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     ds = load_dataset(data, default_shape=default_input_shape(model), image_size=image_size, mean=mean, std=std)
     seed_everything(seed)
     net = create_model(model, ds.num_classes, ds.input_shape)
-    if init:
-        _load_init(net, init, model, ds)
+    head = _initialise(net, init, model, ds, ptq)
     net = _prepare(net, recipe, ds, ptq, calibrate_images, bn_images, dist.device)
     teacher_net = checkpoint.load_model(teacher, model)[0].to(dist.device) if teacher else None
     resuming = resume and (run / "last.pt").is_file()
@@ -249,7 +273,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         dist.barrier()
         say = _Log(stack, work, dist.main, log)
         session = _Session(recipe, ds, net, Objective(recipe.train, teacher_net), dist, work, meta, say, progress)
-        _start(session, run, resume, resuming, lr)
+        _start(session, run, resume, resuming, lr, head)
         session.fit(dist.wrap(net))
         if bn_images and not ptq:
             recalibrate_bn(net, session.x_train, bn_images, device=dist.device)
@@ -291,8 +315,8 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, ptq: bool, calibrate_i
     return net
 
 
-def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None) -> None:
-    """Resume or start: the resolved recipe and the first log line."""
+def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None, head: str | None) -> None:
+    """Resume or start: the resolved recipe and the first log lines (``head``: the classifier zeroed)."""
     if resuming:
         _resume(session, run, lr)
     elif resume:
@@ -306,3 +330,5 @@ def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float
                 f"test) recipe {r.name} seed {session.meta['seed']} epochs {cfg.epochs} batch {cfg.batch_size} "
                 f"lr {cfg.lr} device {session.dist.device}"
                 + (f" processes {session.dist.world}" if session.dist.world > 1 else ""))
+    if head and not resuming:
+        session.say(f"{head}: starts at zero (every class equally likely), as outside models do here")
