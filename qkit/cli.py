@@ -105,7 +105,8 @@ def cli() -> None:
 @click.option("--init", default=None,
               help="Start from float weights: a qkit run directory, or a state_dict file (.pt/.pth/.bin, bare or "
                    "under 'state_dict'/'model') or .safetensors; keys and shapes must match the model exactly. "
-                   "Without it, a model from outside the zoo starts with its classifier at zero.")
+                   "Without it, a model from outside the zoo whose classifier is initialised wider than "
+                   "PyTorch's default Linear (EfficientNet's) starts with that classifier at zero.")
 @click.option("--calibrate", type=click.IntRange(1), default=1000, show_default=True,
               help="PTQ (--epochs 0): training images that set the activation ranges.")
 @click.option("--bn-images", type=click.IntRange(0), default=None,

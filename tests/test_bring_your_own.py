@@ -49,18 +49,32 @@ def test_photos_to_a_checked_int8_bundle(photos, tmp_path):
     assert result["parity"]["agreement"] >= 99.5 and result["execution"]["fp32"] == 0
 
 
-def test_an_outside_model_trained_from_scratch_starts_with_its_classifier_at_zero(photos, tmp_path):
-    """torchvision's EfficientNet-B0 draws its 1280→10 head from ±1/√10, made for 1,000 classes: its first
-    loss is far above chance. From scratch qkit zeroes that head, so the first step's loss is exactly ln 10."""
-    data, model = f"imagefolder:{photos}", "torchvision.models:efficientnet_b0"
-    ds = load_dataset(data, image_size=32)
-    x, y = ds.split("train")
+def _first_losses(photos: Path, model: str, out: Path) -> tuple[float, float]:
+    """(the loss of ``model`` as built on the training photos, one full-batch training step's loss from scratch)."""
+    data = f"imagefolder:{photos}"
+    x, y = load_dataset(data, image_size=32).split("train")
     torch.manual_seed(0)
     with torch.no_grad():
-        as_built = torch.nn.functional.cross_entropy(create_model(model, 10, (3, 32, 32))(x[:]), y)
+        as_built = torch.nn.functional.cross_entropy(create_model(model, 10, (3, 32, 32))(x[:]), y).item()
+    m = train(model, data, image_size=32, epochs=1, batch_size=len(y), out=out, progress=False)
+    return as_built, m["history"][0]["train_loss"]
+
+
+def test_an_outside_model_with_a_wide_classifier_init_starts_with_it_at_zero(photos, tmp_path):
+    """torchvision's EfficientNet-B0 draws its 1280→10 head from ±1/√10, made for 1,000 classes: its first
+    loss is far above chance. From scratch qkit zeroes that head, so the first step's loss is exactly ln 10."""
+    as_built, first = _first_losses(photos, "torchvision.models:efficientnet_b0", tmp_path / "r")
     assert as_built > math.log(10) + 1
-    m = train(model, data, image_size=32, epochs=1, batch_size=len(y), out=tmp_path / "r", progress=False)
-    assert m["history"][0]["train_loss"] == pytest.approx(math.log(10), abs=1e-4)  # one step: its loss
+    assert first == pytest.approx(math.log(10), abs=1e-4)
+    assert "starts at zero" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_an_outside_model_with_a_small_classifier_init_keeps_it(photos, tmp_path):
+    """torchvision's ResNet-18 initialises its head like PyTorch's default Linear: qkit leaves it as built."""
+    as_built, first = _first_losses(photos, "torchvision.models:resnet18", tmp_path / "r")
+    assert as_built > math.log(10) + 0.1  # zeroed, its first loss would be ln 10
+    assert first == pytest.approx(as_built, abs=0.01)
+    assert "starts at zero" not in (tmp_path / "r" / "train.log").read_text()
 
 
 def test_resized_crop_takes_a_window_of_each_image():

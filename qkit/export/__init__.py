@@ -184,7 +184,8 @@ def _export(net: nn.Module, recipe: Recipe, meta: dict[str, Any], dest: Path, op
         facts = {"top1": top1(logits, y_test), **{k: getattr(ds, k) for k in ("scale", "mean", "std", "resize")}}
         if layers:
             plain = predict(net, x_test)
-            facts["int32_biases"] = {"layers": layers, "changed_answers": round(100.0 - top1(logits, plain.argmax(1)), 2),
+            changed = round(100.0 - top1(logits, plain.argmax(1)), 2)
+            facts["int32_biases"] = {"layers": layers, "changed_answers": changed,
                                      "top1_float_biases": top1(plain, y_test)}
         meta = {"labels": ds.labels, **meta}
     labels = meta.get("labels") or [str(i) for i in range(int(predict(net, torch.zeros(1, *input_shape)).shape[1]))]
