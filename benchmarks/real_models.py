@@ -7,8 +7,8 @@ on a folder of mixed-size colour photos, their weights saved as a plain state_di
 
 The photo folder is benchmarks/photo_folder.py's (mnist5k's digits, 4,000 train / 1,000 test, colour,
 24-64 px). One row per model: fp32, PTQ and QAT top-1 from `qkit check` (ONNX Runtime on the test split),
-parity with PyTorch, conv/matmul on integer kernels, and agreement on the target CPUs (native and emulated,
-200 test images each).
+parity with PyTorch, the test images only PTQ or only QAT gets right (with McNemar's p), conv/matmul on integer
+kernels, and agreement on the target CPUs (native and emulated, 200 test images each).
 """
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
+from scipy.stats import binomtest
 
+from qkit.data import load_dataset
 from photo_folder import write_photo_folder
 
 MODELS = ["torchvision.models:resnet18", "torchvision.models:mobilenet_v3_small", "torchvision.models:mobilenet_v2",
@@ -64,17 +68,36 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
             qkit("train", *common, "--recipe", "int8", "--init", str(weights), *extra, "--out", str(run))
         # the emulated CPUs run 200 test images of each int8 bundle (emulation is slow); fp32 runs natively only
         row[name] = checked(run, work / f"{tag}-{name}-bundle", model, "none" if extra is None else "all")
+    row["discordant"] = discordant(work / f"{tag}-ptq-bundle", work / f"{tag}-qat-bundle", data, size)
     row["seconds"] = round(time.time() - t0)
     return row
 
 
+def discordant(ptq: Path, qat: Path, data: str, size: int) -> dict:
+    """Whether QAT and PTQ differ beyond chance: the test images only PTQ's ONNX gets right, those only QAT's
+    gets right, and McNemar's exact two-sided p-value (a binomial test on those two counts). With 1,000 test
+    images and both bundles near fp32, a few images either way is what a reseeded QAT run moves."""
+    x, y = load_dataset(data, image_size=size).split("test")
+    x = np.ascontiguousarray(x[:].numpy(), dtype=np.float32)
+
+    def right(bundle: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1) == y.numpy()
+
+    p, q = right(ptq), right(qat)
+    b, c = int((p & ~q).sum()), int((~p & q).sum())
+    return {"ptq_only": b, "qat_only": c, "p": float(binomtest(b, b + c).pvalue) if b + c else 1.0}
+
+
 def table(rows: list[dict]) -> str:
     head = ("| model | epochs @ lr: fp32 / QAT | fp32 top-1 | PTQ top-1 | QAT top-1 | QAT − fp32 | parity PTQ / QAT "
-            "| int8 conv/matmul (QAT) | float | targets (min) | s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| only PTQ / only QAT right (p) | int8 conv/matmul (QAT) | float | targets (min) | s |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['model']} | {r['schedule']} | {r['fp32']['top1']:.2f} | {r['ptq']['top1']:.2f} | "
         f"{r['qat']['top1']:.2f} | "
         f"{r['qat']['top1'] - r['fp32']['top1']:+.2f} | {r['ptq']['parity']:.2f} / {r['qat']['parity']:.2f} | "
+        f"{r['discordant']['ptq_only']} / {r['discordant']['qat_only']} ({r['discordant']['p']:.2f}) | "
         f"{r['qat']['int8']} | {r['qat']['float']} | {r['qat']['targets_min']} | {r['seconds']} |\n" for r in rows)
 
 
