@@ -22,7 +22,8 @@ from qkit.data import load_dataset
 from qkit.errors import QkitError
 from qkit.export import executorch as pte
 from qkit.export import overflow
-from qkit.export.onnx_passes import fold_weight_quantize, pack_low_bit, quantize_bias, requantize_after_moves
+from qkit.export.onnx_passes import (fold_weight_quantize, global_pool_from_mean, pack_low_bit, quantize_bias,
+                                     requantize_after_moves)
 from qkit.export.reference import exported_biases
 from qkit.export.runtime import execution_report, session_options
 from qkit.fileio import check_output, staged_output
@@ -47,7 +48,8 @@ def to_onnx(deploy: nn.Module, recipe: Recipe, input_shape: tuple[int, ...],
     proto = onnx.load_from_string(buf.getvalue())
     if recipe.is_quantized:
         signs = {s.sign_scale for s in SCHEMES.values() if s.sign_scale is not None}
-        proto = quantize_bias(requantize_after_moves(fold_weight_quantize(proto)), sign_scales=signs)
+        proto = global_pool_from_mean(requantize_after_moves(fold_weight_quantize(proto)))
+        proto = quantize_bias(proto, sign_scales=signs)
     layers = packed_layers(deploy)
     packed = pack_low_bit(proto, layers) if layers else None
     for p in (proto, packed):

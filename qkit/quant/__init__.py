@@ -41,6 +41,12 @@ _FLOAT_ACTS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.Sigmoid, nn.GELU, nn.Ta
 _FLOAT_ACT_FUNCS = {F.hardswish, F.hardsigmoid, F.silu, torch.sigmoid, F.sigmoid, F.gelu, torch.tanh, F.tanh,
                     F.mish, F.leaky_relu, F.elu, F.softplus}
 _FLOAT_ACT_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_"}
+# Average pools (a squeeze-excitation's, the head's) are quantized at input and output, so ORT runs them as
+# QLinearGlobalAveragePool: an integer sum. A float mean is summed in another order on ARM64 than on x86 (bit
+# differences in 5,072 of 6,144 channel means) and the next QuantizeLinear then rounds some of them differently.
+_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_POOL_FUNCS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean}
+_POOL_METHODS = {"mean"}
 
 
 def set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
@@ -82,6 +88,13 @@ class _Prepare:
             self.cache[src] = q
         return self.cache[src]
 
+    def quantize_output(self, node: fx.Node, bits: int) -> None:
+        """A quantizer after ``node`` that every user of ``node`` reads."""
+        users = list(node.users)
+        q = self.quantized_input(node, bits)
+        for u in users:
+            u.replace_input_with(node, q)
+
     def layer(self, node: fx.Node, edge: bool, feeds_sign: bool = False) -> None:
         """Edges (first/last layer) at ``first_last_bits`` by the integer scheme, the rest by the recipe's;
         a layer the recipe's scheme does not take falls back to the integer scheme (or stays float).
@@ -114,11 +127,15 @@ class _Prepare:
             node.args, node.kwargs = node.args[:1], {}
         self.quantized.add(node)
 
-    def quantize_inputs(self, node: fx.Node) -> None:
+    def not_inplace(self, node: fx.Node) -> None:
+        """``node`` reads a quantizer's output (or a view of it): run it out of place, or it would overwrite it."""
         if node.op == "call_module" and getattr(self.gm.get_submodule(node.target), "inplace", False):
-            self.gm.get_submodule(node.target).inplace = False  # it would overwrite its quantizer's output
+            self.gm.get_submodule(node.target).inplace = False
         elif node.kwargs.get("inplace"):
             node.update_kwarg("inplace", False)
+
+    def quantize_inputs(self, node: fx.Node) -> None:
+        self.not_inplace(node)
         srcs = node.args[0] if node.target is torch.cat else node.args[:2]
         for src in list(srcs):
             if isinstance(src, fx.Node):
@@ -135,10 +152,7 @@ class _Prepare:
             if node in self.cache.values():
                 continue
             if node.op == "placeholder" and self.quant_acts:
-                users = list(node.users)
-                q = self.quantized_input(node, 8)
-                for u in users:
-                    u.replace_input_with(node, q)
+                self.quantize_output(node, 8)
             elif node in compute:  # the first layer feeds the first activation: a sign at 1 bit
                 first = node is compute[0]
                 self.layer(node, first or node is compute[-1], first and self.recipe.act_bits == 1)
@@ -148,7 +162,11 @@ class _Prepare:
             elif self.quant_acts and (_calls(node, gm, (), _JOIN_FUNCS, _JOIN_METHODS)
                                       or _calls(node, gm, _FLOAT_ACTS, _FLOAT_ACT_FUNCS, _FLOAT_ACT_METHODS)):
                 self.quantize_inputs(node)
+            elif self.quant_acts and _calls(node, gm, _POOLS, _POOL_FUNCS, _POOL_METHODS):
+                self.quantize_inputs(node)
+                self.quantize_output(node, self.recipe.act_bits)
             elif is_move(node, gm) and node.args and node.args[0] in self.quantized:
+                self.not_inplace(node)  # EfficientNet's Dropout(inplace=True) after the pooled, flattened features
                 self.quantized.add(node)
 
 
