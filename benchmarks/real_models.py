@@ -22,22 +22,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from qkit.data import load_dataset
+from qkit import load_recipe
+from qkit.data import Images, load_dataset
 from qkit.export.runtime import run_onnx
 from photo_folder import write_photo_folder
 
-# Each model's schedule as the README's table ran it: fp32 epochs, fp32 peak lr, QAT peak lr (None: the recipe's,
-# 0.05 and 0.02). The deeper nets diverge at 0.05 without warm-up, so they train at 0.01 and QAT at a quarter of it.
-GENTLE = (0.01, 0.0025)
-MODELS = {"torchvision.models:resnet18": (6, None, None), "torchvision.models:mobilenet_v3_small": (6, None, None),
-          "torchvision.models:mobilenet_v2": (6, None, None), "torchvision.models:mobilenet_v3_large": (6, None, None),
-          "torchvision.models:efficientnet_b0": (15, *GENTLE), "torchvision.models:resnet50": (12, *GENTLE),
-          "torchvision.models:regnet_x_400mf": (20, *GENTLE), "timm.models.resnet:resnet18": (6, None, None),
-          "timm.models.efficientnet:efficientnet_b0": (15, *GENTLE), "timm.models.regnet:regnetx_004": (20, *GENTLE),
-          "timm.models.mobilenetv3:mobilenetv3_small_100": (15, None, None)}
+# Each model's fp32 schedule as the README's table ran it: epochs and peak lr (None: the fp32 recipe's). The deeper
+# nets diverge at the recipe's 0.05 without warm-up, so they train at 0.01.
+GENTLE = 0.01
+MODELS = {"torchvision.models:resnet18": (6, None), "torchvision.models:mobilenet_v3_small": (6, None),
+          "torchvision.models:mobilenet_v2": (6, None), "torchvision.models:mobilenet_v3_large": (6, None),
+          "torchvision.models:efficientnet_b0": (15, GENTLE), "torchvision.models:resnet50": (12, GENTLE),
+          "torchvision.models:regnet_x_400mf": (20, GENTLE), "timm.models.resnet:resnet18": (6, None),
+          "timm.models.efficientnet:efficientnet_b0": (15, GENTLE), "timm.models.regnet:regnetx_004": (20, GENTLE),
+          "timm.models.mobilenetv3:mobilenetv3_small_100": (15, None)}
+# QAT fine-tunes PTQ's model (qkit calibrates before QAT from --init) at 1 % of the fp32 peak lr, cosine-annealed:
+# NVIDIA's pytorch-quantization guidance (about 10 % of the schedule from 1 % of the initial lr; two epochs here).
+QAT_LR_FRACTION = 0.01
 
 
 def qkit(*args: str) -> dict:
@@ -62,11 +67,12 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
         fp32_lr: float | None = None, qat_lr: float | None = None, qat_seeds: int = 1) -> dict:
     tag = model.split(":")[-1] + ("-timm" if model.startswith("timm") else "")
     common = ["--model", model, "--data", data, "--image-size", str(size), "--overwrite"]
-    schedule = f"{fp32_epochs} @ {fp32_lr or 'recipe'} / {qat_epochs} @ {qat_lr or 'recipe'}"
+    fp32_lr = fp32_lr or load_recipe("fp32").train.lr
+    qat_lr = qat_lr or fp32_lr * QAT_LR_FRACTION
+    schedule = f"{fp32_epochs} @ {fp32_lr:g} / {qat_epochs} @ {qat_lr:g}"
     row, t0 = {"model": tag, "schedule": schedule}, time.time()
     fp32 = work / f"{tag}-fp32"
-    lr = ["--lr", str(fp32_lr)] if fp32_lr else []
-    qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), *lr, "--out", str(fp32))
+    qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), "--lr", str(fp32_lr), "--out", str(fp32))
     # the emulated CPUs run 200 test images of each int8 bundle (emulation is slow); fp32 runs natively only
     row["fp32"] = checked(fp32, work / f"{tag}-fp32-bundle", model, "none")
     weights = work / f"{tag}.pth"  # what the user brings: a plain state_dict
@@ -74,31 +80,36 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
     int8 = ["train", *common, "--recipe", "int8", "--init", str(weights)]
     qkit(*int8, "--epochs", "0", "--out", str(work / f"{tag}-ptq"))
     row["ptq"] = checked(work / f"{tag}-ptq", work / f"{tag}-ptq-bundle", model, "all")
-    row["qat"] = []
+    row["qat"], x, y = [], *load_dataset(data, image_size=size).split("test")
+    ptq_right = right(work / f"{tag}-ptq-bundle", x, y)
     for seed in range(qat_seeds):  # QAT's spread over seeds (shuffling, augmentation) puts PTQ's gap in scale
         run = work / f"{tag}-qat-seed{seed}"
-        qkit(*int8, "--epochs", str(qat_epochs), *(["--lr", str(qat_lr)] if qat_lr else []), "--seed", str(seed),
-             "--out", str(run))
+        qkit(*int8, "--epochs", str(qat_epochs), "--lr", str(qat_lr), "--seed", str(seed), "--out", str(run))
         row["qat"].append({"seed": seed, **checked(run, work / f"{tag}-qat-seed{seed}-bundle", model, "all"),
-                           **discordant(work / f"{tag}-ptq-bundle", work / f"{tag}-qat-seed{seed}-bundle", data, size)})
+                           **discordant(ptq_right, right(work / f"{tag}-qat-seed{seed}-bundle", x, y))})
     row["seconds"] = round(time.time() - t0)
     return row
 
 
-def discordant(ptq: Path, qat: Path, data: str, size: int) -> dict:
-    """Whether QAT and PTQ differ beyond chance: the test images only PTQ's ONNX gets right, those only QAT's
-    gets right, and McNemar's exact two-sided p-value (a binomial test on those two counts). With 1,000 test
-    images and both bundles near fp32, a few images either way is what a reseeded QAT run moves."""
-    x, y = load_dataset(data, image_size=size).split("test")
-    p, q = (run_onnx(bundle / "model.onnx", x).argmax(1) == y.numpy() for bundle in (ptq, qat))
+def right(bundle: Path, x: torch.Tensor | Images, y: torch.Tensor) -> np.ndarray:
+    """Which test images the bundle's ONNX answers correctly."""
+    return run_onnx(bundle / "model.onnx", x).argmax(1) == y.numpy()
+
+
+def discordant(p: np.ndarray, q: np.ndarray) -> dict:
+    """Whether QAT and PTQ differ beyond chance, from which test images each gets right: the images only PTQ
+    gets right, those only QAT gets right, and McNemar's exact two-sided p-value (a binomial test on those two
+    counts). With 1,000 test images and both bundles near fp32, a few images either way is what a reseeded QAT
+    run moves."""
     b, c = int((p & ~q).sum()), int((~p & q).sum())
     return {"ptq_only": b, "qat_only": c, "p": float(binomtest(b, b + c).pvalue) if b + c else 1.0}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | epochs @ lr: fp32 / QAT | fp32 top-1 | PTQ top-1 | QAT top-1 by seed | QAT mean − PTQ "
-            "| QAT mean − fp32 | parity PTQ / QAT (min) | only PTQ / only QAT right (p) by seed "
-            "| int8 conv/matmul (QAT) | float | targets (min): with PyTorch / native | s |\n" + "|---" * 13 + "|\n")
+    columns = ["model", "epochs @ lr: fp32 / QAT", "fp32 top-1", "PTQ top-1", "QAT top-1 by seed", "QAT mean − PTQ",
+               "QAT mean − fp32", "parity PTQ / QAT (min)", "only PTQ / only QAT right (p) by seed",
+               "int8 conv/matmul (QAT)", "float", "targets (min): with PyTorch / native", "s"]
+    head = f"| {' | '.join(columns)} |\n" + "|---" * len(columns) + "|\n"
     lines = []
     for r in rows:
         qat = r["qat"]
@@ -121,7 +132,7 @@ def main() -> None:
     p.add_argument("--fp32-epochs", type=int, default=None, help="fp32 epochs (default: the model's in MODELS, or 6)")
     p.add_argument("--fp32-lr", type=float, default=None, help="fp32's peak learning rate (default: the model's)")
     p.add_argument("--qat-epochs", type=int, default=2)
-    p.add_argument("--qat-lr", type=float, default=None, help="QAT's peak learning rate (default: the model's)")
+    p.add_argument("--qat-lr", type=float, default=None, help="QAT's peak learning rate (default: 1 %% of fp32's)")
     p.add_argument("--qat-seeds", type=int, default=1, help="QAT runs per model, seeds 0..N-1 (their spread)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--work", type=Path, default=Path("/tmp/qkit-real"))
@@ -132,9 +143,9 @@ def main() -> None:
         write_photo_folder(photos)
     rows = []
     for model in a.models.split(","):
-        epochs, fp32_lr, qat_lr = MODELS.get(model, (6, None, None))
+        epochs, fp32_lr = MODELS.get(model, (6, None))
         rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs or epochs, a.qat_epochs,
-                        a.fp32_lr or fp32_lr, a.qat_lr or qat_lr, a.qat_seeds))
+                        a.fp32_lr or fp32_lr, a.qat_lr, a.qat_seeds))
         print(json.dumps(rows[-1]), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(table(rows))

@@ -107,8 +107,9 @@ def cli() -> None:
                    "under 'state_dict'/'model') or .safetensors; keys and shapes must match the model exactly. "
                    "Without it, a model from outside the zoo whose classifier is initialised wider than "
                    "PyTorch's default Linear (EfficientNet's) starts with that classifier at zero.")
-@click.option("--calibrate", type=click.IntRange(1), default=1000, show_default=True,
-              help="PTQ (--epochs 0): training images that set the activation ranges.")
+@click.option("--calibrate", type=click.IntRange(0), default=1000, show_default=True,
+              help="Training images that set the activation ranges for PTQ (--epochs 0) and before QAT from "
+                   "--init weights, which then starts where PTQ ends; 0 skips it for QAT.")
 @click.option("--bn-images", type=click.IntRange(0), default=None,
               help="Re-estimate BatchNorm statistics on this many training images before evaluation and export; "
                    "0 turns it off. [default: 2000 for PTQ and models outside qkit's zoo, else 0]")

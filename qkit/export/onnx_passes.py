@@ -95,12 +95,15 @@ def pack_low_bit(model: onnx.ModelProto, layers: dict[str, tuple[int, np.ndarray
 def global_pool_from_mean(model: onnx.ModelProto) -> onnx.ModelProto:
     """A ReduceMean over the spatial axes of an NCHW tensor (timm's squeeze-excitation: ``x.mean((2, 3),
     keepdim=True)``) becomes the GlobalAveragePool it is, which ORT fuses into QLinearGlobalAveragePool."""
+    means = [n for n in model.graph.node if n.op_type == "ReduceMean" and len(n.input) == 1]
+    if not means:
+        return model
     ranks = {v.name: len(v.type.tensor_type.shape.dim)
              for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-    for node in model.graph.node:
+    for node in means:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type == "ReduceMean" and len(node.input) == 1 and ranks.get(node.input[0]) == 4
-                and sorted(a % 4 for a in attrs.get("axes", [])) == [2, 3] and attrs.get("keepdims", 1) == 1):
+        if (ranks.get(node.input[0]) == 4 and sorted(a % 4 for a in attrs.get("axes", [])) == [2, 3]
+                and attrs.get("keepdims", 1) == 1):
             node.op_type = "GlobalAveragePool"
             del node.attribute[:]
     return model

@@ -250,7 +250,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     """Train ``model`` on ``data`` with ``recipe``; writes the run directory and returns its metrics.
 
     ``epochs=0`` with a quantized recipe is post-training quantization: activation ranges from
-    ``calibrate_images`` training images, no gradient step; the recipe is named ``NAME-ptq``.
+    ``calibrate_images`` training images, no gradient step; the recipe is named ``NAME-ptq``. QAT from ``init``
+    weights starts at that PTQ point (``calibrate_images`` 0: Brevitas collects the ranges while training).
     ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off;
     None: :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own,
     whose statistics settle in their recipes). A model from outside the zoo trained from scratch (no ``init``)
@@ -270,7 +271,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     seed_everything(seed)
     net = create_model(model, ds.num_classes, ds.input_shape)
     head = _initialise(net, init, model, ds, ptq)
-    net = _prepare(net, recipe, ds, ptq, calibrate_images, bn_images, dist.device)
+    net = _prepare(net, recipe, ds, ptq, init is not None, calibrate_images, bn_images, dist.device)
     teacher_net = checkpoint.load_model(teacher, model)[0].to(dist.device) if teacher else None
     resuming = resume and (run / "last.pt").is_file()
     meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
@@ -278,7 +279,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
             "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
     n = len(ds.y_train)
     tuned = {"method": ("ptq" if recipe.is_quantized else "none") if ptq else "qat" if recipe.is_quantized
-             else "train", "calibration_images": min(calibrate_images, n) if ptq else 0, "bn_images": min(bn_images, n)}
+             else "train", "calibration_images": min(calibrate_images, n) if recipe.is_quantized and (ptq or init) else 0, "bn_images": min(bn_images, n)}
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
         work = claim_run_dir(stack, run, resuming, overwrite) if dist.main else run
@@ -312,15 +313,19 @@ def _post_training(recipe: Recipe, model: str, bn_images: int | None) -> tuple[R
     return recipe, ptq, bn_images
 
 
-def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, ptq: bool, calibrate_images: int, bn_images: int,
-             device: str) -> nn.Module:
-    """The quantized model to train; for PTQ (no epochs) its BatchNorm statistics and activation ranges come
-    from training images here, on the float model first."""
-    x = ds.split("train")[0] if ptq else None
-    if ptq and bn_images:
+def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, ptq: bool, trained: bool, calibrate_images: int,
+             bn_images: int, device: str) -> nn.Module:
+    """The quantized model to train. PTQ (no epochs), and QAT from trained weights (``--init``), start from the
+    same point: BatchNorm statistics re-estimated on the float model, then activation ranges calibrated. QAT then
+    refines PTQ's model (NVIDIA's and Brevitas's recipe: calibrate, then fine-tune); without it, Brevitas would
+    spend QAT's first 300 steps collecting range statistics under augmentation. ``calibrate_images`` 0 skips
+    that for QAT."""
+    start = ptq or (trained and recipe.is_quantized and calibrate_images > 0)
+    x = ds.split("train")[0] if start else None
+    if start and bn_images:
         recalibrate_bn(net.to(device), x, bn_images, device=device)
     net = quantize(net, recipe).to(device)
-    if ptq and recipe.is_quantized:
+    if start and recipe.is_quantized:
         if calibrate_images < 1:
             raise QkitError("post-training quantization (--epochs 0) needs --calibrate of at least 1 image")
         calibrate(net, x, calibrate_images, device=device)
