@@ -9,8 +9,8 @@ on a folder of mixed-size colour photos, their weights saved as a plain state_di
 The photo folder is benchmarks/photo_folder.py's (mnist5k's digits, 4,000 train / 1,000 test, colour,
 24-64 px). One row per model: fp32, PTQ and QAT top-1 from `qkit check` (ONNX Runtime on the test split),
 parity with PyTorch, the test images only PTQ or only QAT gets right (with McNemar's p), conv/matmul on integer
-kernels, and the target CPUs' answers (native and emulated, 200 test images each) against PyTorch's, as
-`qkit check` gates them, and against the native ONNX run's (exactness across CPUs). With --qat-seeds N, QAT
+kernels, and the target CPUs' answers (native and emulated, 200 test images each) against PyTorch's and
+against the native ONNX run's (exactness across CPUs, what `qkit check` gates). With --qat-seeds N, QAT
 runs N times from the same weights (seeds 0..N-1): how far reseeding alone moves it, beside its gap to PTQ.
 """
 from __future__ import annotations
@@ -59,8 +59,9 @@ def checked(run: Path, bundle: Path, model: str, targets: str) -> dict:
     runs = [t["model.onnx"] for t in r.get("targets", {}).values() if "model.onnx" in t]
     e = r["execution"]
     return {"top1": r["top1"], "parity": r["parity"]["agreement"], "int8": e["int8"], "float": e["fp32"] + e["fp16"],
-            "targets_min": min((t["agreement"] for t in runs), default=None),  # with PyTorch, as check gates
-            "targets_native_min": min((t["agreement_with_native"] for t in runs), default=None), "passed": r["passed"]}
+            "targets_min": min((t["agreement"] for t in runs), default=None),  # with PyTorch
+            "targets_native_min": min((t["agreement_with_native"] for t in runs), default=None),  # check gates this
+            "passed": r["passed"]}
 
 
 def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epochs: int,

@@ -269,7 +269,8 @@ def _target_line(name: str, t: dict[str, Any]) -> str:
         diff = f", max |Δlogit| {v['max_abs_logit_diff']:.4g}" if "max_abs_logit_diff" in v else ""
         ran = v.get("executed", {})
         kernels = f", ran int8 {ran['int8']} · float {ran['float']} conv/matmul" if ran else ""
-        return f"{f} {v.get('agreement', v['agreement_with_native']):.2f}%{diff}{kernels}"
+        vs_torch = f"{v['agreement']:.2f}% with PyTorch, " if "agreement" in v else ""
+        return f"{f} {vs_torch}{v['agreement_with_native']:.2f}% with native{diff}{kernels}"
 
     runs = [run(f, v) for f, v in t.items() if f.startswith("model.")]
     return f"  target {name}: {proof}; {'; '.join(runs)} ({t['samples']} images)"

@@ -29,6 +29,9 @@ class Scheme:
     name: str = ""
     #: the ONNX QuantizeLinear scale that marks this scheme's sign activations (qkit.export's bias pass)
     sign_scale: float | None = None
+    #: its bundles compute in integers between quantizers, so every CPU owes the same answers: `qkit check`
+    #: fails a target whose answers differ from the native run's on any image (float sums may differ by order)
+    integer: bool = False
 
     def check(self, recipe: Recipe) -> str | None:
         """Why ``recipe`` (naming this scheme) is inconsistent, or None."""

@@ -58,6 +58,7 @@ def _takes_eps(u: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
 
 @register_scheme("binary")
 class BinaryScheme(Scheme):
+    integer = True
     sign_scale = EPS
 
     def check(self, recipe) -> str | None:

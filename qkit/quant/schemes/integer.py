@@ -55,6 +55,8 @@ def act_quantizers() -> tuple[type, type]:
 
 @register_scheme("int")
 class IntegerScheme(Scheme):
+    integer = True
+
     def check(self, recipe) -> str | None:
         if not 2 <= recipe.weight_bits <= 8 or recipe.act_bits > 8:
             return "integer weights are 2-8 bits and need integer activations (act_bits 8, 4, 2 or 1)"

@@ -45,6 +45,8 @@ class TernaryLinear(QuantizedLinear):
 
 @register_scheme("ternary")
 class TernaryScheme(Scheme):
+    integer = True
+
     def check(self, recipe) -> str | None:
         return None if recipe.weight_bits == 2 and 2 <= recipe.act_bits <= 8 else "ternary weights take weight_bits 2"
 
