@@ -258,8 +258,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     starts with its classifier at zero if its init is too wide (:func:`_zero_wide_head`). ``image_size``,
     ``mean``, ``std``: see :func:`qkit.data.load_dataset`. ``crop_augment``/``flip_augment`` override the
     recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a
-    DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files.
-    """
+    DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files."""
     augment = {"crop_augment": crop_augment, "flip_augment": flip_augment}
     recipe, ptq, bn_images = _post_training(_recipe(recipe, data, epochs, batch_size, lr, augment), model, bn_images)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -277,9 +276,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
             "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
             "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
-    n = len(ds.y_train)
-    tuned = {"method": ("ptq" if recipe.is_quantized else "none") if ptq else "qat" if recipe.is_quantized
-             else "train", "calibration_images": min(calibrate_images, n) if recipe.is_quantized and (ptq or init) else 0, "bn_images": min(bn_images, n)}
+    tuned = _tuning(recipe, ptq, init is not None, min(calibrate_images, len(ds.y_train)),
+                    min(bn_images, len(ds.y_train)))
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
         work = claim_run_dir(stack, run, resuming, overwrite) if dist.main else run
@@ -311,6 +309,13 @@ def _post_training(recipe: Recipe, model: str, bn_images: int | None) -> tuple[R
     if bn_images is None:
         bn_images = BN_IMAGES if ptq or _outside_zoo(model) else 0
     return recipe, ptq, bn_images
+
+
+def _tuning(recipe: Recipe, ptq: bool, trained: bool, calibrate_images: int, bn_images: int) -> dict[str, Any]:
+    """The metrics that say how the run was tuned: method, calibration and BatchNorm images."""
+    method = ("ptq" if recipe.is_quantized else "none") if ptq else "qat" if recipe.is_quantized else "train"
+    calibrated = recipe.is_quantized and (ptq or trained)
+    return {"method": method, "calibration_images": calibrate_images if calibrated else 0, "bn_images": bn_images}
 
 
 def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, ptq: bool, trained: bool, calibrate_images: int,
