@@ -270,14 +270,14 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     seed_everything(seed)
     net = create_model(model, ds.num_classes, ds.input_shape)
     head = _initialise(net, init, model, ds, ptq)
-    net = _prepare(net, recipe, ds, ptq, init is not None, calibrate_images, bn_images, dist.device)
+    start = ptq or (init is not None and recipe.is_quantized and calibrate_images > 0)  # from PTQ's point
+    net = _prepare(net, recipe, ds, start, calibrate_images, bn_images, dist.device)
     teacher_net = checkpoint.load_model(teacher, model)[0].to(dist.device) if teacher else None
     resuming = resume and (run / "last.pt").is_file()
     meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
             "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
             "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
-    tuned = _tuning(recipe, ptq, init is not None, min(calibrate_images, len(ds.y_train)),
-                    min(bn_images, len(ds.y_train)))
+    tuned = _tuning(recipe, ptq, start, min(calibrate_images, len(ds.y_train)), min(bn_images, len(ds.y_train)))
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
         work = claim_run_dir(stack, run, resuming, overwrite) if dist.main else run
@@ -311,21 +311,21 @@ def _post_training(recipe: Recipe, model: str, bn_images: int | None) -> tuple[R
     return recipe, ptq, bn_images
 
 
-def _tuning(recipe: Recipe, ptq: bool, trained: bool, calibrate_images: int, bn_images: int) -> dict[str, Any]:
-    """The metrics that say how the run was tuned: method, calibration and BatchNorm images."""
+def _tuning(recipe: Recipe, ptq: bool, start: bool, calibrate_images: int, bn_images: int) -> dict[str, Any]:
+    """The metrics that say how the run was tuned: method, calibration and BatchNorm images (``start``: as
+    :func:`_prepare`'s)."""
     method = ("ptq" if recipe.is_quantized else "none") if ptq else "qat" if recipe.is_quantized else "train"
-    calibrated = recipe.is_quantized and (ptq or trained)
+    calibrated = start and recipe.is_quantized
     return {"method": method, "calibration_images": calibrate_images if calibrated else 0, "bn_images": bn_images}
 
 
-def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, ptq: bool, trained: bool, calibrate_images: int,
-             bn_images: int, device: str) -> nn.Module:
-    """The quantized model to train. PTQ (no epochs), and QAT from trained weights (``--init``), start from the
-    same point: BatchNorm statistics re-estimated on the float model, then activation ranges calibrated. QAT then
-    refines PTQ's model (NVIDIA's and Brevitas's recipe: calibrate, then fine-tune); without it, Brevitas would
-    spend QAT's first 300 steps collecting range statistics under augmentation. ``calibrate_images`` 0 skips
-    that for QAT."""
-    start = ptq or (trained and recipe.is_quantized and calibrate_images > 0)
+def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate_images: int, bn_images: int,
+             device: str) -> nn.Module:
+    """The quantized model to train. With ``start`` (PTQ, i.e. no epochs, and QAT from ``--init`` weights unless
+    ``calibrate_images`` is 0) it begins at PTQ's point: BatchNorm statistics re-estimated on the float model,
+    then activation ranges calibrated, so QAT refines PTQ's model (NVIDIA's and OpenVINO's recipe: calibrate,
+    then fine-tune); without it, Brevitas spends QAT's first 300 steps collecting range statistics under
+    augmentation."""
     x = ds.split("train")[0] if start else None
     if start and bn_images:
         recalibrate_bn(net.to(device), x, bn_images, device=device)
