@@ -65,7 +65,8 @@ def checked(run: Path, bundle: Path, model: str, targets: str) -> dict:
 
 
 def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epochs: int,
-        fp32_lr: float | None = None, qat_lr: float | None = None, qat_seeds: int = 1) -> dict:
+        fp32_lr: float | None = None, qat_lr: float | None = None, qat_seeds: int = 1,
+        reuse_fp32: bool = False) -> dict:
     tag = model.split(":")[-1] + ("-timm" if model.startswith("timm") else "")
     common = ["--model", model, "--data", data, "--image-size", str(size), "--overwrite"]
     fp32_lr = fp32_lr or load_recipe("fp32").train.lr
@@ -73,7 +74,9 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
     schedule = f"{fp32_epochs} @ {fp32_lr:g} / {qat_epochs} @ {qat_lr:g}"
     row, t0 = {"model": tag, "schedule": schedule}, time.time()
     fp32 = work / f"{tag}-fp32"
-    qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), "--lr", str(fp32_lr), "--out", str(fp32))
+    if not (reuse_fp32 and (fp32 / "checkpoint.pt").is_file()):
+        qkit("train", *common, "--recipe", "fp32", "--epochs", str(fp32_epochs), "--lr", str(fp32_lr),
+             "--out", str(fp32))
     # the emulated CPUs run 200 test images of each int8 bundle (emulation is slow); fp32 runs natively only
     row["fp32"] = checked(fp32, work / f"{tag}-fp32-bundle", model, "none")
     weights = work / f"{tag}.pth"  # what the user brings: a plain state_dict
@@ -137,6 +140,8 @@ def main() -> None:
     p.add_argument("--qat-seeds", type=int, default=1, help="QAT runs per model, seeds 0..N-1 (their spread)")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--work", type=Path, default=Path("/tmp/qkit-real"))
+    p.add_argument("--reuse-fp32", action="store_true", help="keep an fp32 run already in --work (the slowest part; "
+                   "qkit's quantization code does not touch it): exported and checked again, PTQ and QAT rerun")
     p.add_argument("--out", type=Path, default=Path("reports/real_models.md"))
     a = p.parse_args()
     photos = a.work / "photos"
@@ -146,7 +151,7 @@ def main() -> None:
     for model in a.models.split(","):
         epochs, fp32_lr = MODELS.get(model, (6, None))
         rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs or epochs, a.qat_epochs,
-                        a.fp32_lr or fp32_lr, a.qat_lr, a.qat_seeds))
+                        a.fp32_lr or fp32_lr, a.qat_lr, a.qat_seeds, a.reuse_fp32))
         print(json.dumps(rows[-1]), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(table(rows))

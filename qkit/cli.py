@@ -109,7 +109,8 @@ def cli() -> None:
                    "PyTorch's default Linear (EfficientNet's) starts with that classifier at zero.")
 @click.option("--calibrate", type=click.IntRange(0), default=1000, show_default=True,
               help="Training images that set the activation ranges for PTQ (--epochs 0) and before QAT from "
-                   "--init weights, which then starts where PTQ ends; 0 skips it for QAT.")
+                   "--init weights, which then starts where PTQ ends and fine-tunes with BatchNorm frozen and each "
+                   "bias rounded as the export rounds it; 0 skips both for QAT.")
 @click.option("--bn-images", type=click.IntRange(0), default=None,
               help="Re-estimate BatchNorm statistics on this many training images before evaluation and export; "
                    "0 turns it off. [default: 2000 for PTQ and models outside qkit's zoo, else 0]")

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from qkit.export.onnx_passes import int32_biases
-from qkit.quant.convert import following_bn
+from qkit.quant.deployed import add_per_channel, folded_output
 
 
 @contextlib.contextmanager
@@ -35,20 +35,11 @@ def exported_biases(net: nn.Module, deploy: nn.Module, proto: onnx.ModelProto) -
         name = f"{node.target}.bias" if node.op == "call_module" else None
         if name not in exported:
             continue
-        bn = following_bn(node, net)
         offset = np.nan_to_num(exported[name] - folded[name].double().numpy())  # NaN: the float bias stays
-        offset = torch.tensor(offset, dtype=torch.float32)
-        module = net.get_submodule(bn.target if bn is not None else node.target)
-        hooks.append(module.register_forward_hook(_adder(offset)))
+        module = net.get_submodule(folded_output(node, net).target)
+        hooks.append(add_per_channel(module, torch.tensor(offset, dtype=torch.float32)))
     try:
         yield len(hooks)
     finally:
         for h in hooks:
             h.remove()
-
-
-def _adder(offset: torch.Tensor):
-    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-        return output + offset.to(output.device).view(1, -1, *([1] * (output.dim() - 2)))
-    return hook
-

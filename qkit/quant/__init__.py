@@ -19,6 +19,7 @@ from qkit.errors import QkitError
 from qkit.quant.adder import Adder2d
 from qkit.quant.convert import convert, recipe_of
 from qkit.quant.deploy import INT_WEIGHT_MAX
+from qkit.quant.deployed import train_as_deployed
 from qkit.quant.moves import is_move, source
 from qkit.quant.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 from qkit.quant.schemes import SCHEMES, act_quantizer, get_scheme, register_scheme
@@ -26,7 +27,7 @@ from qkit.quant.schemes.binary import BinaryConv2d, BinaryLinear, SignAct
 
 __all__ = ["quantize", "convert", "recipe_of", "Recipe", "load_recipe", "resolve_recipe", "parse_recipe",
            "list_recipes", "SCHEMES", "register_scheme", "get_scheme", "Adder2d", "BinaryConv2d", "BinaryLinear",
-           "SignAct", "set_module", "INT_WEIGHT_MAX"]
+           "SignAct", "set_module", "INT_WEIGHT_MAX", "train_as_deployed"]
 
 _RELU_FUNCS = {F.relu, torch.relu, torch.relu_}
 _RELU_METHODS = {"relu", "relu_"}

@@ -53,7 +53,7 @@ def convert(model: nn.Module, recipe: Recipe | None = None) -> nn.Module:
         m = gm.get_submodule(node.target)
         if weighted:
             bn_node = following_bn(node, gm)
-            mult, shift = bn_fold(gm.get_submodule(bn_node.target) if bn_node else None, m.weight.shape[0])
+            mult, shift = bn_fold(gm.get_submodule(bn_node.target) if bn_node else None, m.weight)
             set_module(gm, node.target, scheme.convert_layer(m, mult, shift))
             if bn_node is not None:
                 bn_node.replace_all_uses_with(node)

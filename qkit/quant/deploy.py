@@ -88,10 +88,11 @@ class QuantWeightLayer(nn.Module):
         return F.conv2d(x, w, self.bias, **self.conv)
 
 
-def bn_fold(bn: nn.Module | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(multiplier, shift) such that BN(y) = multiplier·y + shift (identity without BN)."""
+def bn_fold(bn: nn.Module | None, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(multiplier, shift) such that BN(y) = multiplier·y + shift for the layer of ``weight`` (identity
+    without BN)."""
     if bn is None:
-        return torch.ones(channels), torch.zeros(channels)
+        return weight.new_ones(len(weight)).detach(), weight.new_zeros(len(weight)).detach()
     inv = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     return inv, bn.bias.detach() - bn.running_mean * inv
 

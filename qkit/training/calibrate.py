@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qkit.data import Images
+from qkit.quant.deployed import FrozenStats
 
 BN_IMAGES = 2000  # images for BatchNorm re-estimation; the statistics settle well within this on our data
 CALIBRATION_IMAGES = 1000  # images for PTQ's activation ranges
@@ -35,7 +36,8 @@ def recalibrate_bn(net: nn.Module, x: torch.Tensor | Images, images: int = BN_IM
     """Replace every BatchNorm's running mean and variance with their average over ``images`` of ``x``
     (normalised training images, no augmentation); everything else runs in eval mode. Returns how many
     BatchNorm layers were re-estimated."""
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+           and not isinstance(m, FrozenStats)]  # frozen ones keep the statistics their layers were tuned to
     was_training, momenta = net.training, [m.momentum for m in bns]
     net.eval()
     for m in bns:

@@ -78,7 +78,7 @@ class BinaryScheme(Scheme):
 
     def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
         _, alpha = m.quant_weight()
-        bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
+        bias = m.bias.detach() if m.bias is not None else torch.zeros_like(mult)
         return QuantWeightLayer(torch.where(m.weight >= 0, 1.0, -1.0).detach(), alpha.detach() * mult,
                                 bias * mult + shift, m if isinstance(m, nn.Conv2d) else None, bits=1)
 

@@ -102,7 +102,7 @@ class IntegerScheme(Scheme):
         scale = qw.scale.detach().flatten()
         if scale.numel() == 1:
             scale = scale.expand(m.weight.shape[0]).clone()
-        bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
+        bias = m.bias.detach() if m.bias is not None else torch.zeros_like(mult)
         return QuantWeightLayer(qw.int().float().detach(), scale * mult, bias * mult + shift,
                                 m if isinstance(m, nn.Conv2d) else None, int(qw.bit_width))
 

@@ -1,0 +1,81 @@
+"""Fine-tuning on the deployed arithmetic (qkit.quant.train_as_deployed): BatchNorm frozen at the statistics
+the export folds, each layer's bias rounded as its int32 bias will be."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+import qkit
+from qkit.data import load_dataset
+from qkit.export import to_onnx
+from qkit.export.reference import exported_biases
+from qkit.quant import convert, recipe_of, train_as_deployed
+from qkit.training import predict
+from qkit.training.calibrate import calibrate
+from qkit.training.checkpoint import load_model
+
+
+def _head_with_bn() -> nn.Module:
+    """Linear → BatchNorm1d on digits' 64 pixels: logits show the folded bias's rounding directly (by up to
+    ½·s_x·s_w per class); γ of both signs, statistics far from PyTorch's defaults."""
+    torch.manual_seed(0)
+    head, bn = nn.Linear(64, 10), nn.BatchNorm1d(10)
+    with torch.no_grad():
+        nn.init.uniform_(head.bias, -1, 1)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.05, 0.3)  # gains up to ~9: coarse folded grids
+    return nn.Sequential(nn.Flatten(), head, bn)
+
+
+def test_the_fine_tuned_model_computes_with_the_biases_the_export_writes():
+    """With train_as_deployed the model's logits are those of the same model with the exported int32 biases
+    (qkit check's reference), to float rounding; without it they differ by the rounding (up to 5e-5 here)."""
+    ds = load_dataset("digits")
+    x, _ = ds.split("train")
+    x_test, _ = ds.split("test")
+    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
+    calibrate(net, x, 500)
+    own = predict(net, x_test).numpy()
+    deploy = convert(net)
+    proto, _ = to_onnx(deploy, recipe_of(net), (1, 8, 8), 17)
+    with exported_biases(net, deploy, proto):
+        exported = predict(net, x_test).numpy()
+    assert train_as_deployed(net) == 1
+    tuned = predict(net, x_test).numpy()
+    assert np.abs(tuned - exported).max() < 2e-6  # a float32 rounding of logits up to 16 (here 5e-7, once)
+    assert np.median(np.abs(tuned - exported)) < np.median(np.abs(own - exported)) / 100  # 0 against 7e-6
+
+
+def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_learn():
+    """A training step in train() mode moves neither running statistic, and the gradient reaches β and the
+    layer's bias unchanged by the rounding (straight-through: d out/d β is 1 per sample)."""
+    ds = load_dataset("digits")
+    x, y = ds.split("train")
+    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
+    calibrate(net, x, 500)
+    train_as_deployed(net)
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
+    stats = bn.running_mean.clone(), bn.running_var.clone()
+    net.train()
+    out = net(x[:64])
+    out.sum().backward()
+    assert not bn.training
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert torch.allclose(bn.bias.grad, torch.full((10,), 64.0))
+
+
+def test_qat_from_trained_weights_fine_tunes_the_deployed_arithmetic(runs):
+    """The suite's int8 QAT from its fp32 run: every layer fine-tuned with its exported rounding, BatchNorm
+    still at the fp32 run's statistics (the zoo's own model: no re-estimation before or after)."""
+    metrics = json.loads((runs["int8"] / "metrics.json").read_text())
+    assert metrics["deployed_bias_layers"] == 4
+    fp32, _ = load_model(runs["fp32"])
+    int8, _ = load_model(runs["int8"])
+    means = [[m.running_mean for m in n.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+             for n in (fp32, int8)]
+    assert len(means[0]) == 3 and all(torch.equal(a, b) for a, b in zip(*means))
