@@ -78,20 +78,22 @@ def train_as_deployed(model: fx.GraphModule) -> int:
     PTQ's point); the hooks live as long as ``model``. Layers next to a sign activation are left alone: the
     export gives a layer feeding one a bias that keeps every sign exact, and a BatchNorm in front of a sign
     sets its threshold, whose statistics must follow the binarized layers (frozen at the float model's, the
-    normalised values leave the straight-through window |x| ≤ 1 and stop learning: w1a1 lenet5 on digits fell
-    from 88 % to 17 %)."""
+    normalised values leave the straight-through window |x| ≤ 1 and stop learning: the suite's w1a1 lenet5 on
+    digits fell from 87.8 % to 16.9 %). A float recipe's model (not a traced graph) has none."""
+    if not isinstance(model, fx.GraphModule):
+        return 0
     count = 0
     for node in list(model.graph.nodes):
         found = owner(model.get_submodule(node.target)) if node.op == "call_module" else None
-        act = _deploy_act(source(node.args[0], model), model) if found and found[1] else None
+        src = source(node.args[0], model) if found and found[1] else None
+        act = _deploy_act(src, model)
         if act is None or act.binary:
             continue
         out = folded_output(node, model)
         if any((a := _deploy_act(u, model)) is not None and a.binary for u in out.users):
             continue
-        layer, bn = model.get_submodule(node.target), model.get_submodule(out.target) if out is not node else None
-        quant = model.get_submodule(source(node.args[0], model).target)
-        offset = _rounding(found[0], layer, bn, quant)
+        bn = model.get_submodule(out.target) if out is not node else None
+        offset = _rounding(found[0], model.get_submodule(node.target), bn, model.get_submodule(src.target))
         if offset is not None:
             if bn is not None:
                 freeze(bn)
