@@ -51,6 +51,33 @@ def test_the_fine_tuned_model_computes_with_the_biases_the_export_writes():
     assert np.median(np.abs(tuned - exported)) < np.median(np.abs(own - exported)) / 100  # 0 against 7e-6
 
 
+def test_the_rounding_follows_the_parameters_as_they_train():
+    """After optimizer steps (which change the weights, γ, β and the activation scale in place) the model
+    still computes with the biases the export of its current parameters writes: the offsets are not stale."""
+    ds = load_dataset("digits")
+    x, y = ds.split("train")
+    x_test, _ = ds.split("test")
+    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
+    calibrate(net, x, 500)
+    train_as_deployed(net)
+    before = predict(net, x_test).numpy()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(3):
+        net.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[:256]), y[:256]).backward()
+        opt.step()
+    tuned = predict(net, x_test).numpy()
+    twin = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))  # the trained parameters, no offsets
+    twin.load_state_dict(net.state_dict())
+    deploy = convert(twin)
+    proto, _ = to_onnx(deploy, recipe_of(twin), (1, 8, 8), 17)
+    with exported_biases(twin, deploy, proto):
+        exported = predict(twin, x_test).numpy()
+    assert np.abs(tuned - before).max() > 0.1  # the steps moved the logits
+    assert np.abs(tuned - exported).max() < 2e-6
+
+
 def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_learn():
     """A training step in train() mode moves neither running statistic, and the gradient reaches β and the
     layer's bias unchanged by the rounding (straight-through: d out/d β is 1 per sample)."""

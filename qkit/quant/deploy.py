@@ -67,16 +67,12 @@ class QuantWeightLayer(nn.Module):
         # the trained model when activations are coarse (2-4 bits). ±64 is the widest that no x86 kernel's
         # int16 pair sum can saturate on (see INT_WEIGHT_MAX).
         shape = (-1,) + (1,) * (int_weight.dim() - 1)
-        # A channel whose BN has γ = 0 (timm zero-initialises each block's last BN) computes only its bias:
-        # zero integers at scale 1, not scale 0 (a division by zero in every runtime's requantization).
+        k, exported = spread(int_weight.abs().flatten(1).amax(1), scale)
         int_weight = int_weight * torch.where(scale < 0, -1.0, 1.0).view(shape) * (scale != 0).view(shape)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        k = torch.floor(INT_WEIGHT_MAX / int_weight.abs().flatten(1).amax(1).clamp_min(1)).clamp_min(1)
-        scale = scale.abs() / k
-        self.register_buffer("weight", int_weight * k.view(shape) * scale.view(shape))
+        self.register_buffer("weight", int_weight * k.view(shape) * exported.view(shape))
         self.register_buffer("k", k)
-        self.register_buffer("scale", scale.float())
-        self.register_buffer("zero_point", torch.zeros(len(scale), dtype=torch.int32))
+        self.register_buffer("scale", exported.float())
+        self.register_buffer("zero_point", torch.zeros(len(exported), dtype=torch.int32))
         self.register_buffer("bias", bias)
         self.conv = None if conv is None else dict(stride=conv.stride, padding=conv.padding,
                                                     dilation=conv.dilation, groups=conv.groups)
@@ -86,6 +82,22 @@ class QuantWeightLayer(nn.Module):
         if self.conv is None:
             return F.linear(x, w, self.bias)
         return F.conv2d(x, w, self.bias, **self.conv)
+
+
+def spread(int_max: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, exported scale) per output channel for integer weights of largest magnitude ``int_max`` at signed
+    float scale ``scale`` (see :class:`QuantWeightLayer`): k = ⌊64 / max|w|⌋, the scale |s|/k. A channel with
+    s = 0 (its BN's γ = 0: timm zero-initialises each block's last BN) computes only its bias: zero integers at
+    scale 1/k, not scale 0 (a division by zero in every runtime's requantization)."""
+    int_max = int_max * (scale != 0)
+    k = torch.floor(INT_WEIGHT_MAX / int_max.clamp_min(1)).clamp_min(1)
+    return k, torch.where(scale == 0, torch.ones_like(scale), scale).abs() / k
+
+
+def folded_bias(layer: nn.Module, mult: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The bias of ``layer`` with BN(y) = mult·y + shift folded in."""
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(mult)
+    return bias * mult + shift
 
 
 def bn_fold(bn: nn.Module | None, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

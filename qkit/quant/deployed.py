@@ -7,11 +7,11 @@ statistics and float biases never sees that rounding, and in a high-gain depthwi
 several percent of an output level: after QAT it changed 1.7-2.3 % of torchvision's and 4.3-4.8 % of timm's
 EfficientNet-B0 answers. :func:`train_as_deployed` freezes each layer's BatchNorm at its running statistics
 (γ and β still learn: they fold into the weight scale and the bias), so the layer computes what its folded
-form computes, and adds to its folded output the offset round(b/g)·g − b, recomputed from the current
-weights and scales at every forward pass and held constant in the backward pass (straight-through: the
-gradient reaches b unchanged). Jacob et al. 2018 (BatchNorm folded into the weights during training) and
-Krishnamoorthi 2018 (BatchNorm switched to its running statistics for the rest of fine-tuning) train the
-same way.
+form computes, and adds to its folded output the offset round(b/g)·g − b, computed from the current
+weights and scales (again whenever one of them changed) and held constant in the backward pass
+(straight-through: the gradient reaches b unchanged). Jacob et al. 2018 (BatchNorm folded into the weights
+during training) and Krishnamoorthi 2018 (BatchNorm switched to its running statistics for the rest of
+fine-tuning) train the same way.
 
 Where the export can give a channel a threshold-exact bias instead (integer kernels then pick the float
 layer's levels), the offset is at most half a unit the bundle does not add; such channels have many
@@ -27,7 +27,7 @@ from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
 from qkit.quant.convert import following_bn
-from qkit.quant.deploy import QuantAct, QuantWeightLayer, bn_fold
+from qkit.quant.deploy import QuantAct, bn_fold, folded_bias, spread
 from qkit.quant.moves import source
 from qkit.quant.schemes import owner
 
@@ -103,18 +103,26 @@ def train_as_deployed(model: fx.GraphModule) -> int:
 
 
 def _rounding(scheme, layer: nn.Module, bn: nn.Module | None, quant: nn.Module) -> Callable[[], torch.Tensor] | None:
-    """round(b/g)·g − b for ``layer``'s folded bias b at the moment it is called; None for a layer that does
-    not convert to integer weights with a scale per channel."""
+    """round(b/g)·g − b for ``layer``'s folded bias b, current whenever it is called: computed as the converter
+    computes the exported scale and bias (the scheme's integer weights, :func:`spread`, :func:`folded_bias`),
+    again only after a parameter or buffer it depends on changed (once per training step, never in evaluation);
+    None for a layer that does not deploy as integer weights with a scale per channel."""
+    if scheme.weight_grid(layer) is None:
+        return None
     act_scheme = owner(quant)[0]
-    with torch.no_grad():
-        if not isinstance(scheme.convert_layer(layer, *bn_fold(bn, layer.weight)), QuantWeightLayer):
-            return None
+    inputs = [t for m in (layer, bn, quant) if m is not None for t in (*m.parameters(), *m.buffers())]
+    last: dict[str, object] = {}
 
     @torch.no_grad()
     def offset() -> torch.Tensor:
-        deployed = scheme.convert_layer(layer, *bn_fold(bn, layer.weight))
-        act = act_scheme.convert_act(quant)
-        grid = deployed.scale.double() * (act.scale / act.spread)
-        b = deployed.bias.double()
-        return (torch.round(b / grid) * grid - b).float()
+        state = [(t.data_ptr(), t._version) for t in inputs]  # in-place updates (optimizer, load) bump _version
+        if last.get("state") != state:
+            int_weight, scale, _ = scheme.weight_grid(layer)
+            mult, shift = bn_fold(bn, layer.weight)
+            _, exported = spread(int_weight.abs().flatten(1).amax(1), scale * mult)
+            act = act_scheme.convert_act(quant)
+            grid = exported.double() * (act.scale / act.spread)
+            b = folded_bias(layer, mult, shift).double()
+            last.update(state=state, offset=(torch.round(b / grid) * grid - b).float())
+        return last["offset"]
     return offset

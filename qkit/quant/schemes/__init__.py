@@ -15,9 +15,11 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Callable, TypeVar
 
+import torch
 from torch import fx, nn
 
 from qkit.errors import QkitError
+from qkit.quant.deploy import QuantWeightLayer, folded_bias
 
 if TYPE_CHECKING:
     from qkit.quant.recipe import Recipe
@@ -53,9 +55,19 @@ class Scheme:
         """Trained activation modules this scheme converts."""
         return ()
 
+    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(integer weights, float scale per output channel, trained bits) of trained layer ``m``, whose deploy
+        form is then a :class:`QuantWeightLayer`; None: this scheme deploys it otherwise (own convert_layer)."""
+        return None
+
     def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
         """Deploy module for trained layer ``m``; BN(y) = mult·y + shift per output channel is folded in."""
-        raise NotImplementedError
+        grid = self.weight_grid(m)
+        if grid is None:
+            raise NotImplementedError(f"scheme {self.name}: no weight_grid or convert_layer for {type(m).__name__}")
+        int_weight, scale, bits = grid
+        return QuantWeightLayer(int_weight, scale * mult, folded_bias(m, mult, shift),
+                                m if isinstance(m, nn.Conv2d) else None, bits)
 
     def convert_act(self, m: nn.Module) -> nn.Module:
         """Deploy module for trained activation ``m``."""

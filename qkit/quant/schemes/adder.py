@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qkit.quant.adder import Adder2d
+from qkit.quant.deploy import folded_bias
 from qkit.quant.schemes import Scheme, register_scheme
 
 
@@ -108,12 +109,11 @@ class AdderScheme(Scheme):
         return (Adder2d,)
 
     def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
-        bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
         grid = None
         if m.weight_bits <= 8:
             step, zero_point = m.input_grid()
             grid = (float(step), zero_point)
-        return AdderDeploy(m, m.quant_weight().detach(), mult, bias * mult + shift, grid)
+        return AdderDeploy(m, m.quant_weight().detach(), mult, folded_bias(m, mult, shift), grid)
 
     def executorch(self, recipe) -> str | None:
         from qkit.kernels import executorch_library, missing

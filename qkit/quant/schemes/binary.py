@@ -76,11 +76,8 @@ class BinaryScheme(Scheme):
     def act_types(self) -> tuple[type, ...]:
         return (SignAct,)
 
-    def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
-        _, alpha = m.quant_weight()
-        bias = m.bias.detach() if m.bias is not None else torch.zeros_like(mult)
-        return QuantWeightLayer(torch.where(m.weight >= 0, 1.0, -1.0).detach(), alpha.detach() * mult,
-                                bias * mult + shift, m if isinstance(m, nn.Conv2d) else None, bits=1)
+    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return torch.where(m.weight >= 0, 1.0, -1.0).detach(), m.quant_weight()[1].detach(), 1
 
     def convert_act(self, m: nn.Module) -> nn.Module:
         return QuantAct(EPS, 1, 3, relu=False, binary=True)

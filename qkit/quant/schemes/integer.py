@@ -10,7 +10,7 @@ import functools
 import torch
 from torch import nn
 
-from qkit.quant.deploy import QuantAct, QuantWeightLayer
+from qkit.quant.deploy import QuantAct
 from qkit.quant.quantizers import fake_quant
 from qkit.quant.schemes import Scheme, register_scheme
 
@@ -97,19 +97,16 @@ class IntegerScheme(Scheme):
 
         return qnn.QuantReLU, qnn.QuantIdentity
 
-    def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
+    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
         qw = m.quant_weight()
-        scale = qw.scale.detach().flatten()
-        if scale.numel() == 1:
-            scale = scale.expand(m.weight.shape[0]).clone()
-        bias = m.bias.detach() if m.bias is not None else torch.zeros_like(mult)
-        return QuantWeightLayer(qw.int().float().detach(), scale * mult, bias * mult + shift,
-                                m if isinstance(m, nn.Conv2d) else None, int(qw.bit_width))
+        return qw.int().float().detach(), qw.scale.detach().flatten().expand(m.weight.shape[0]), int(qw.bit_width)
 
     def convert_act(self, m: nn.Module) -> nn.Module:
         import brevitas.nn as qnn
 
-        aq = m.act_quant
-        zp = float(aq.zero_point().detach().flatten()[0]) if aq.zero_point() is not None else 0.0
-        scale = max(float(aq.scale().detach().flatten()[0]), MIN_ACT_SCALE)
-        return QuantAct(scale, round(zp), 2 ** int(aq.bit_width()), relu=isinstance(m, qnn.QuantReLU))
+        # One evaluation of the quantizer: Brevitas's scale(), zero_point() and bit_width() each run it again
+        # (a quarter of a millisecond apiece, paid at every training step by qkit.quant.train_as_deployed).
+        q = m.act_quant.internal_forward(force_eval=True)
+        zp = float(q.zero_point.detach().flatten()[0]) if q.zero_point is not None else 0.0
+        scale = max(float(q.scale.detach().flatten()[0]), MIN_ACT_SCALE)
+        return QuantAct(scale, round(zp), 2 ** int(q.bit_width), relu=isinstance(m, qnn.QuantReLU))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qkit.quant.deploy import QuantWeightLayer
 from qkit.quant.layers import QuantizedConv2d, QuantizedLinear, rebuild
 from qkit.quant.schemes import Scheme, register_scheme
 
@@ -56,9 +55,6 @@ class TernaryScheme(Scheme):
     def layer_types(self) -> tuple[type, ...]:
         return TernaryConv2d, TernaryLinear
 
-    def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:
+    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
         w_t, alpha = m.quant_weight()
-        t = torch.round(w_t / alpha.view(-1, *[1] * (w_t.dim() - 1))).detach()
-        bias = m.bias.detach() if m.bias is not None else torch.zeros(len(mult))
-        return QuantWeightLayer(t, alpha.detach() * mult, bias * mult + shift,
-                                m if isinstance(m, nn.Conv2d) else None, bits=2)
+        return torch.round(w_t / alpha.view(-1, *[1] * (w_t.dim() - 1))).detach(), alpha.detach(), 2
