@@ -2,9 +2,11 @@
 the export folds, each layer's bias rounded as its int32 bias will be."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +15,7 @@ from qkit.data import load_dataset
 from qkit.export import to_onnx
 from qkit.export.reference import exported_biases
 from qkit.quant import convert, recipe_of, train_as_deployed
+from qkit.quant.deployed import FrozenStats
 from qkit.training import predict
 from qkit.training.calibrate import calibrate
 from qkit.training.checkpoint import load_model
@@ -51,9 +54,12 @@ def test_the_fine_tuned_model_computes_with_the_biases_the_export_writes():
     assert np.median(np.abs(tuned - exported)) < np.median(np.abs(own - exported)) / 100  # 0 against 7e-6
 
 
-def test_the_rounding_follows_the_parameters_as_they_train():
-    """After optimizer steps (which change the weights, γ, β and the activation scale in place) the model
-    still computes with the biases the export of its current parameters writes: the offsets are not stale."""
+@pytest.mark.parametrize("optimizer", [lambda p: torch.optim.SGD(p, lr=0.05),
+                                       lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)], ids=["sgd", "fused-adamw"])
+def test_the_rounding_follows_the_parameters_as_they_train(optimizer):
+    """After optimizer steps (which change the weights, γ, β and the activation scale in place; a fused
+    optimizer without bumping their version counters) the model still computes with the biases the export of
+    its current parameters writes: the offsets are not stale."""
     ds = load_dataset("digits")
     x, y = ds.split("train")
     x_test, _ = ds.split("test")
@@ -61,7 +67,7 @@ def test_the_rounding_follows_the_parameters_as_they_train():
     calibrate(net, x, 500)
     train_as_deployed(net)
     before = predict(net, x_test).numpy()
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    opt = optimizer(net.parameters())
     for _ in range(3):
         net.train()
         opt.zero_grad()
@@ -76,6 +82,23 @@ def test_the_rounding_follows_the_parameters_as_they_train():
         exported = predict(twin, x_test).numpy()
     assert np.abs(tuned - before).max() > 0.1  # the steps moved the logits
     assert np.abs(tuned - exported).max() < 2e-6
+
+
+def test_layers_with_two_bit_weights_keep_training_their_batchnorm():
+    """A 2-bit layer's output statistics move as QAT carries weights across its few levels, so it trains as
+    before (BatchNorm on batch statistics, no rounding offset); the 8-bit first and last layers of the same
+    recipe, and 4-bit layers, fine-tune the deployed arithmetic."""
+    x, _ = load_dataset("digits").split("train")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
+                        nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    tuned = {}
+    for recipe in ("w2a8", "w4a8"):
+        net = qkit.quantize(copy.deepcopy(mlp), qkit.load_recipe(recipe))
+        calibrate(net, x, 500)
+        tuned[recipe] = train_as_deployed(net), [isinstance(m, FrozenStats) for m in net.modules()
+                                                 if isinstance(m, nn.BatchNorm1d)]
+    assert tuned == {"w2a8": (2, [True, False]), "w4a8": (3, [True, True])}
 
 
 def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_learn():
