@@ -4,10 +4,10 @@ on a folder of mixed-size colour photos, their weights saved as a plain state_di
 
     python benchmarks/real_models.py [--models torchvision.models:resnet18,...] [--fp32-epochs E] [--fp32-lr LR]
         [--qat-epochs 2] [--qat-lr LR] [--qat-seeds N] [--size 32] [--work /tmp/qkit-real]
-        [--out reports/real_models.md]
+        [--photos mnist5k] [--per-class-train 400] [--per-class-test 100] [--out reports/real_models.md]
 
 The photo folder is benchmarks/photo_folder.py's (mnist5k's digits, 4,000 train / 1,000 test, colour,
-24-64 px). One row per model: fp32, PTQ and QAT top-1 from `qkit check` (ONNX Runtime on the test split),
+24-64 px; or Fashion-MNIST's clothing, whose 10,000 test photos resolve 0.01 point with --per-class-test 1000). One row per model: fp32, PTQ and QAT top-1 from `qkit check` (ONNX Runtime on the test split),
 parity with PyTorch, the test images only PTQ or only QAT gets right (with McNemar's p), conv/matmul on integer
 kernels, and the target CPUs' answers (native and emulated, 200 test images each) against PyTorch's and
 against the native ONNX run's (exactness across CPUs, what `qkit check` gates). With --qat-seeds N, QAT
@@ -142,11 +142,14 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/qkit-real"))
     p.add_argument("--reuse-fp32", action="store_true", help="keep an fp32 run already in --work (the slowest part; "
                    "qkit's quantization code does not touch it): exported and checked again, PTQ and QAT rerun")
+    p.add_argument("--photos", default="mnist5k", choices=["mnist5k", "fashion-mnist"], help="the photos' source")
+    p.add_argument("--per-class-train", type=int, default=400)
+    p.add_argument("--per-class-test", type=int, default=100)
     p.add_argument("--out", type=Path, default=Path("reports/real_models.md"))
     a = p.parse_args()
     photos = a.work / "photos"
     if not photos.is_dir():
-        write_photo_folder(photos)
+        write_photo_folder(photos, a.per_class_train, a.per_class_test, data=a.photos)
     rows = []
     for model in a.models.split(","):
         epochs, fp32_lr = MODELS.get(model, (6, None))

@@ -97,13 +97,16 @@ def train_as_deployed(model: fx.GraphModule) -> int:
         out = folded_output(node, model)
         if any((a := _deploy_act(u, model)) is not None and a.binary for u in out.users):
             continue
+        layer = model.get_submodule(node.target)
+        grid = found[0].weight_grid(layer)
+        if grid is None or grid[2] == 2:  # no integer weights with a scale per channel, or 2-bit ones
+            continue
         bn = model.get_submodule(out.target) if out is not node else None
-        offset = _rounding(found[0], model.get_submodule(node.target), bn, model.get_submodule(src.target))
-        if offset is not None:
-            if bn is not None:
-                freeze(bn)
-            add_per_channel(model.get_submodule(out.target), offset)
-            count += 1
+        if bn is not None:
+            freeze(bn)
+        offset = _rounding(found[0], layer, bn, model.get_submodule(src.target))
+        add_per_channel(model.get_submodule(out.target), offset)
+        count += 1
     return count
 
 
@@ -119,15 +122,11 @@ def _count_optimizer_steps() -> None:
     register_optimizer_step_post_hook(counted)
 
 
-def _rounding(scheme, layer: nn.Module, bn: nn.Module | None, quant: nn.Module) -> Callable[[], torch.Tensor] | None:
+def _rounding(scheme, layer: nn.Module, bn: nn.Module | None, quant: nn.Module) -> Callable[[], torch.Tensor]:
     """round(b/g)·g − b for ``layer``'s folded bias b, current whenever it is called: computed as the converter
     computes the exported scale and bias (the scheme's integer weights, :func:`spread`, :func:`folded_bias`),
     again only after an optimizer step or another change to a parameter or buffer it reads (once per training
-    step, never in evaluation); None for a layer that does not deploy as integer weights with a scale per
-    channel, or whose weights have 2 bits."""
-    grid = scheme.weight_grid(layer)
-    if grid is None or grid[2] == 2:
-        return None
+    step, never in evaluation). ``layer`` deploys as integer weights with a scale per channel."""
     act_scheme = owner(quant)[0]
     inputs = [t for m in (layer, bn, quant) if m is not None for t in (*m.parameters(), *m.buffers())]
     last: dict[str, object] = {}
