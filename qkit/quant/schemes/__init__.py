@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar
 
 import torch
 from torch import fx, nn
@@ -23,6 +23,14 @@ from qkit.quant.deploy import QuantWeightLayer, folded_bias
 
 if TYPE_CHECKING:
     from qkit.quant.recipe import Recipe
+
+
+class WeightGrid(NamedTuple):
+    """A trained layer's weights as the bundle stores them: integers times a float scale per output channel."""
+
+    int_weight: torch.Tensor
+    scale: torch.Tensor  # per output channel
+    bits: int  # as trained
 
 
 class Scheme:
@@ -55,9 +63,9 @@ class Scheme:
         """Trained activation modules this scheme converts."""
         return ()
 
-    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(integer weights, float scale per output channel, trained bits) of trained layer ``m``, whose deploy
-        form is then a :class:`QuantWeightLayer`; None: this scheme deploys it otherwise (own convert_layer)."""
+    def weight_grid(self, m: nn.Module) -> WeightGrid | None:
+        """Trained layer ``m``'s weight grid, whose deploy form is then a :class:`QuantWeightLayer`; None: this
+        scheme deploys it otherwise (own convert_layer)."""
         return None
 
     def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:

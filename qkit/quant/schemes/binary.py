@@ -15,7 +15,7 @@ from qkit.quant import moves
 from qkit.quant.deploy import QuantAct, QuantWeightLayer
 from qkit.quant.layers import QuantizedConv2d, QuantizedLinear, rebuild
 from qkit.quant.quantizers import binary_weight, ste_sign
-from qkit.quant.schemes import Scheme, register_scheme
+from qkit.quant.schemes import Scheme, WeightGrid, register_scheme
 
 # Binary activations are exported as ±ε (three uint8 levels −ε, 0, +ε with ε tiny, so 0 needs |x| < ε/2)
 # and the consuming layer's weight scale is divided by ε.
@@ -76,8 +76,8 @@ class BinaryScheme(Scheme):
     def act_types(self) -> tuple[type, ...]:
         return (SignAct,)
 
-    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return torch.where(m.weight >= 0, 1.0, -1.0).detach(), m.quant_weight()[1].detach(), 1
+    def weight_grid(self, m: nn.Module) -> WeightGrid:
+        return WeightGrid(torch.where(m.weight >= 0, 1.0, -1.0).detach(), m.quant_weight()[1].detach(), 1)
 
     def convert_act(self, m: nn.Module) -> nn.Module:
         return QuantAct(EPS, 1, 3, relu=False, binary=True)

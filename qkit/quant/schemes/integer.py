@@ -12,7 +12,7 @@ from torch import nn
 
 from qkit.quant.deploy import QuantAct
 from qkit.quant.quantizers import fake_quant
-from qkit.quant.schemes import Scheme, register_scheme
+from qkit.quant.schemes import Scheme, WeightGrid, register_scheme
 
 # 8-bit layers train on the 7-bit grid ±63 in int8 containers: exact on every x86 kernel (deploy.INT_WEIGHT_MAX)
 TRAIN_WEIGHT_BITS_MAX = 7
@@ -97,9 +97,10 @@ class IntegerScheme(Scheme):
 
         return qnn.QuantReLU, qnn.QuantIdentity
 
-    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def weight_grid(self, m: nn.Module) -> WeightGrid:
         qw = m.quant_weight()
-        return qw.int().float().detach(), qw.scale.detach().flatten().expand(m.weight.shape[0]), int(qw.bit_width)
+        return WeightGrid(qw.int().float().detach(), qw.scale.detach().flatten().expand(m.weight.shape[0]),
+                          int(qw.bit_width))
 
     def convert_act(self, m: nn.Module) -> nn.Module:
         import brevitas.nn as qnn

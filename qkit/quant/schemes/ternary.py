@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qkit.quant.layers import QuantizedConv2d, QuantizedLinear, rebuild
-from qkit.quant.schemes import Scheme, register_scheme
+from qkit.quant.schemes import Scheme, WeightGrid, register_scheme
 
 
 class _TernarySTE(torch.autograd.Function):
@@ -55,6 +55,6 @@ class TernaryScheme(Scheme):
     def layer_types(self) -> tuple[type, ...]:
         return TernaryConv2d, TernaryLinear
 
-    def weight_grid(self, m: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def weight_grid(self, m: nn.Module) -> WeightGrid:
         w_t, alpha = m.quant_weight()
-        return torch.round(w_t / alpha.view(-1, *[1] * (w_t.dim() - 1))).detach(), alpha.detach(), 2
+        return WeightGrid(torch.round(w_t / alpha.view(-1, *[1] * (w_t.dim() - 1))).detach(), alpha.detach(), 2)
