@@ -32,7 +32,7 @@ from qkit.fileio import replace_with, write_json, write_text
 from qkit.models import create_model, default_input_shape, list_models
 from qkit.quant import Recipe, load_recipe, quantize, train_as_deployed
 from qkit.training import checkpoint
-from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn, refreeze_from_float
+from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn
 from qkit.training.distributed import Dist
 from qkit.training.loop import Batches, TrainState, run_epoch
 from qkit.training.loss import Objective
@@ -171,16 +171,11 @@ class _Session:
         s.elapsed = time.time() - t0
 
     def reestimate_bn(self, net: nn.Module, images: int) -> None:
-        """BatchNorm statistics of the trained weights on ``images`` training images (0: none). Those QAT froze
-        stay frozen: at 8 bits re-estimated on the float network, as they were frozen (:func:`_prepare`); below,
-        kept as trained."""
-        if not images:
-            return
-        refrozen = refreeze_from_float(net, self.x_train, images, device=self.dist.device) \
-            if _float_statistics(self.recipe) else 0
-        recalibrate_bn(net, self.x_train, images, device=self.dist.device)
-        self.say(f"BatchNorm statistics re-estimated on {min(images, len(self.x_train))} training images "
-                 "(--bn-images)" + (f", {refrozen} frozen ones on the float network" if refrozen else ""))
+        """BatchNorm statistics of the trained weights on ``images`` training images (0: none)."""
+        if images:
+            recalibrate_bn(net, self.x_train, images, device=self.dist.device)
+            self.say(f"BatchNorm statistics re-estimated on {min(images, len(self.x_train))} training images "
+                     "(--bn-images)")
 
     def diverged(self, snapshot: dict[str, Any] | None, where: str) -> None:
         s = self.state
@@ -268,9 +263,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     the ranges while training).
     ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off;
     None: :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own,
-    whose statistics settle in their recipes); after 8-bit QAT those it froze too, on the float network
-    (:func:`qkit.training.calibrate.refreeze_from_float`). A model from outside the zoo trained from scratch
-    (no ``init``) starts with its classifier at zero if its init is too wide (:func:`_zero_wide_head`). ``image_size``,
+    whose statistics settle in their recipes). A model from outside the zoo trained from scratch (no ``init``)
+    starts with its classifier at zero if its init is too wide (:func:`_zero_wide_head`). ``image_size``,
     ``mean``, ``std``: see :func:`qkit.data.load_dataset`. ``crop_augment``/``flip_augment`` override the
     recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a
     DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files."""
@@ -302,7 +296,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         session = _Session(recipe, ds, net, Objective(recipe.train, teacher_net), dist, work, meta, say, progress)
         _start(session, run, resume, resuming, lr, head, deployed)
         session.fit(dist.wrap(net))
-        session.reestimate_bn(net, 0 if ptq else bn_images)  # PTQ's were before calibration
+        session.reestimate_bn(net, 0 if ptq else bn_images)  # PTQ's were; frozen ones stay as they are
         if not dist.main:
             return {}
         metrics = {**session.metrics(init, teacher), **tuned}
@@ -347,8 +341,7 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate
 
     The statistics BatchNorm is frozen at: at 8 bits a quantized layer is its float layer plus rounding noise,
     and the float model's statistics are right (re-estimated on the quantized model, σ grows by that noise and
-    the signal shrinks: timm's efficientnet_b0 QAT 95.0 → 93.7 %); QAT ends by taking them there again, for its
-    trained weights (:meth:`_Session.reestimate_bn`). Below 8 bits it computes another function,
+    the signal shrinks: timm's efficientnet_b0 QAT 95.0 → 93.7 %). Below 8 bits it computes another function,
     so they are re-estimated on the quantized model and the ranges calibrated again (digits lenet5, QAT seeds
     0-3 from the fp32 run: w2a2 95.4 → 97.4 %, w1a8 96.5 → 97.1 %)."""
     x = ds.split("train")[0] if start else None
@@ -362,15 +355,10 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate
     calibrate(net, x, calibrate_images, device=device)
     if recipe.train.epochs == 0:
         return net, 0
-    if not _float_statistics(recipe):
+    if min(recipe.weight_bits, recipe.act_bits) < 8:
         recalibrate_bn(net, x, calibrate_images, device=device)
         calibrate(net, x, calibrate_images, device=device)
     return net, train_as_deployed(net)
-
-
-def _float_statistics(recipe: Recipe) -> bool:
-    """Whether QAT freezes BatchNorm at the float network's statistics (8 bits and up; see :func:`_prepare`)."""
-    return min(recipe.weight_bits, recipe.act_bits) >= 8
 
 
 def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None, head: str | None,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qkit.data import Images
-from qkit.quant.deployed import FrozenStats, float_network
+from qkit.quant.deployed import FrozenStats
 
 BN_IMAGES = 2000  # images for BatchNorm re-estimation; the statistics settle well within this on our data
 CALIBRATION_IMAGES = 1000  # images for PTQ's activation ranges
@@ -55,27 +55,6 @@ def recalibrate_bn(net: nn.Module, x: torch.Tensor | Images, images: int = BN_IM
         if m.affine:
             m.weight.data[m.running_var == 0] = 0.0
     return len(bns)
-
-
-@torch.no_grad()
-def refreeze_from_float(net: nn.Module, x: torch.Tensor | Images, images: int = BN_IMAGES, batch_size: int = 100,
-                        device: str = "cpu") -> int:
-    """Every frozen BatchNorm's statistics re-estimated as :func:`recalibrate_bn` does, but on the float network
-    ``net``'s weights now define (:func:`qkit.quant.deployed.float_network`), and frozen again; returns how many.
-
-    For the end of 8-bit QAT, which froze them at the float model's statistics on clean images and then trained on
-    augmented ones: the weights adapted to those statistics on translated images, whose zero-padded borders
-    (the mean colour) are not what a clean photo has. timm's mobilenetv3_small_100 on Fashion-MNIST photos
-    (10,000 test images, seeds 0-2): 79.73 / 79.85 / 79.83 % frozen to the end, 80.40 / 80.45 / 80.19 % with
-    this, PTQ 80.20; statistics taken on the quantized network instead (80.21, seed 0) cost timm's
-    efficientnet_b0 on digit photos 0.9 points against 0.3 this way (seed 0, 1,000 test images)."""
-    frozen = {name: m for name, m in net.named_modules() if isinstance(m, FrozenStats)}
-    if frozen:
-        with float_network(net) as twin:
-            recalibrate_bn(twin, x, images, batch_size, device)
-            for name, bn in frozen.items():
-                bn.load_state_dict(twin.get_submodule(name).state_dict())
-    return len(frozen)
 
 
 @torch.no_grad()
