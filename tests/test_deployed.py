@@ -17,7 +17,7 @@ from qkit.export.reference import exported_biases
 from qkit.quant import convert, recipe_of, train_as_deployed
 from qkit.quant.deployed import FrozenStats
 from qkit.training import predict
-from qkit.training.calibrate import calibrate
+from qkit.training.calibrate import calibrate, refreeze_from_float
 from qkit.training.checkpoint import load_model
 
 
@@ -67,21 +67,29 @@ def test_the_rounding_follows_the_parameters_as_they_train(optimizer):
     calibrate(net, x, 500)
     train_as_deployed(net)
     before = predict(net, x_test).numpy()
-    opt = optimizer(net.parameters())
-    for _ in range(3):
-        net.train()
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x[:256]), y[:256]).backward()
-        opt.step()
+    _steps(net, x, y, optimizer)
     tuned = predict(net, x_test).numpy()
+    assert np.abs(tuned - before).max() > 0.1  # the steps moved the logits
+    assert np.abs(tuned - _with_exported_biases(net, x_test)).max() < 2e-6
+
+
+def _with_exported_biases(net: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Logits of ``_head_with_bn`` with ``net``'s trained parameters and the int32 biases its export writes."""
     twin = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))  # the trained parameters, no offsets
     twin.load_state_dict(net.state_dict())
     deploy = convert(twin)
     proto, _ = to_onnx(deploy, recipe_of(twin), (1, 8, 8), 17)
     with exported_biases(twin, deploy, proto):
-        exported = predict(twin, x_test).numpy()
-    assert np.abs(tuned - before).max() > 0.1  # the steps moved the logits
-    assert np.abs(tuned - exported).max() < 2e-6
+        return predict(twin, x).numpy()
+
+
+def _steps(net: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, steps: int = 3) -> None:
+    opt = optimizer(net.parameters())
+    for _ in range(steps):
+        net.train()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x[:256]), y[:256]).backward()
+        opt.step()
 
 
 def test_layers_with_two_bit_weights_keep_training_their_batchnorm():
@@ -117,6 +125,29 @@ def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_le
     assert not bn.training
     assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
     assert torch.allclose(bn.bias.grad, torch.full((10,), 64.0))
+
+
+def test_eight_bit_qat_takes_the_float_networks_statistics_again_and_keeps_them_frozen():
+    """What ``qkit.train`` does after 8-bit QAT's first epoch with --bn-images: each frozen BatchNorm takes the
+    statistics of the float network its trained weights define on clean training images (as it was frozen at
+    the start), stays frozen, and its layer computes with the biases the export of those statistics writes."""
+    ds = load_dataset("digits")
+    x, y = ds.split("train")
+    x_test, _ = ds.split("test")
+    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
+    calibrate(net, x, 500)
+    train_as_deployed(net)
+    _steps(net, x, y, lambda p: torch.optim.SGD(p, lr=0.05))
+    bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
+    layer = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    before = bn.running_mean.clone()
+    assert refreeze_from_float(net, x[:1400], images=1400) == 1
+    float_out = x[:1400].flatten(1) @ layer.weight.detach().T + layer.bias.detach()  # 14 batches of 100
+    assert torch.allclose(bn.running_mean, float_out.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, float_out.var(0), rtol=0.05)
+    assert (bn.running_mean - before).abs().max() > 1e-3  # the steps moved what the statistics are taken on
+    assert isinstance(bn, FrozenStats) and not bn.training
+    assert np.abs(predict(net, x_test).numpy() - _with_exported_biases(net, x_test)).max() < 2e-6
 
 
 def test_qat_from_trained_weights_fine_tunes_the_deployed_arithmetic(runs):

@@ -138,11 +138,14 @@ def test_an_activation_dead_on_every_calibration_image_keeps_its_consumers_bias(
 def test_qat_from_trained_weights_starts_where_ptq_ends(ptq, runs, tmp_path):
     """QAT from --init weights first re-estimates BatchNorm and calibrates as PTQ does, so after an epoch at a
     vanishing learning rate every learned activation range is still PTQ's: QAT's steps refine PTQ's model
-    rather than re-collecting its ranges under augmentation."""
+    rather than re-collecting its ranges under augmentation; after the first epoch, the statistics BatchNorm was
+    frozen at are taken again on the float network, as at its start."""
     run, metrics = ptq
-    m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=1, lr=1e-12, init=str(runs["fp32"]),
+    m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=2, lr=1e-12, init=str(runs["fp32"]),
                    bn_images=metrics["bn_images"], out=tmp_path / "int8-qat", progress=False)
     assert m["method"] == "qat" and m["calibration_images"] == metrics["calibration_images"] > 0
+    log = (tmp_path / "int8-qat" / "train.log").read_text()
+    assert "3 frozen BatchNorms re-estimated on the float network of epoch 1" in log
     scales = [{k: v for k, v in load_model(r, "lenet5")[0].state_dict().items() if k.endswith("scaling_impl.value")}
               for r in (run, tmp_path / "int8-qat")]
     assert len(scales[0]) == 4 and scales[0].keys() == scales[1].keys()

@@ -16,11 +16,16 @@ fine-tuning) train the same way.
 Where the export can give a channel a threshold-exact bias instead (integer kernels then pick the float
 layer's levels), the offset is at most half a unit the bundle does not add; such channels have many
 accumulator units per output level, where half a unit rarely moves one.
+
+:func:`float_network` gives the float network a fine-tuned model's weights define, for statistics: after its first
+epoch, QAT at 8 bits re-estimates its frozen statistics there (:mod:`qkit.training`), as they were before it began.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import fx, nn
@@ -53,12 +58,36 @@ def freeze(bn: nn.Module) -> None:
         bn.eval()
 
 
+def thaw(bn: nn.Module) -> None:
+    """Undo :func:`freeze`: ``bn`` follows its batch statistics in training mode again."""
+    if isinstance(bn, FrozenStats):
+        bn.__class__ = type(bn).__bases__[1]
+
+
 def add_per_channel(module: nn.Module, offset: torch.Tensor | Callable[[], torch.Tensor]) -> RemovableHandle:
     """Add ``offset`` (per output channel; a callable is evaluated at each forward pass) to ``module``'s output."""
     def hook(m: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         o = offset() if callable(offset) else offset
         return output + o.to(output.device, output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
+    hook.per_channel_offset = True  # what float_network takes out
     return module.register_forward_hook(hook)
+
+
+@contextlib.contextmanager
+def float_network(model: nn.Module) -> Iterator[nn.Module]:
+    """A copy of fine-tuned ``model`` that computes the float network its weights define: Brevitas's
+    quantizers off, no rounding offsets, BatchNorm thawed. ``model`` itself is not touched."""
+    from brevitas.graph.calibrate import quantization_status_manager
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        thaw(m)
+        hooks = m._forward_hooks  # the copy's own: deepcopy copied the dict (torch has no public removal by hook)
+        for key in [k for k, h in hooks.items() if getattr(h, "per_channel_offset", False)]:
+            del hooks[key]
+    with quantization_status_manager(twin, disable_act_quant=True, disable_weight_quant=True,
+                                     disable_bias_quant=True):
+        yield twin
 
 
 def folded_output(node: fx.Node, gm: fx.GraphModule) -> fx.Node:

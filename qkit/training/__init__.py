@@ -32,7 +32,7 @@ from qkit.fileio import replace_with, write_json, write_text
 from qkit.models import create_model, default_input_shape, list_models
 from qkit.quant import Recipe, load_recipe, quantize, train_as_deployed
 from qkit.training import checkpoint
-from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn
+from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn, refreeze_from_float
 from qkit.training.distributed import Dist
 from qkit.training.loop import Batches, TrainState, run_epoch
 from qkit.training.loss import Objective
@@ -153,10 +153,18 @@ class _Session:
         return Batches(self.x_train, self.y_train, torch.tensor(list(self.sampler)), self.per_batch, self.cfg, gen,
                        self.dist.device)
 
-    def fit(self, net: nn.Module) -> None:
-        """Every remaining epoch; a diverged epoch is redone at half the learning rate while retries last."""
+    def fit(self, net: nn.Module, refreeze_images: int = 0) -> None:
+        """Every remaining epoch; a diverged epoch is redone at half the learning rate while retries last.
+        ``refreeze_images`` (8-bit QAT with --bn-images): before the second epoch, the BatchNorm statistics QAT
+        froze are taken again on that many images, on the float network the first epoch's weights define, so
+        the epochs after it learn the roundings of those (:func:`refreeze_from_float`)."""
         s, cfg, t0 = self.state, self.cfg, time.time() - self.state.elapsed
         while s.epoch < cfg.epochs:
+            if s.epoch == 1 and refreeze_images:  # at the top of the loop, so a run resumed here does it too
+                refrozen = refreeze_from_float(s.net, self.x_train, refreeze_images, device=self.dist.device)
+                if refrozen:  # none in a float recipe, which freezes none
+                    self.say(f"{refrozen} frozen BatchNorms re-estimated on the float network of epoch 1's weights "
+                             f"({min(refreeze_images, len(self.x_train))} training images, --bn-images)")
             snapshot = s.snapshot() if cfg.divergence_retries > s.retries else None
             loss, bad_step = run_epoch(s, net, self.batches(s.epoch), self.objective, self.amp, self.dist.any,
                                        f"epoch {s.epoch + 1}/{cfg.epochs}", self.progress and self.dist.main)
@@ -171,7 +179,8 @@ class _Session:
         s.elapsed = time.time() - t0
 
     def reestimate_bn(self, net: nn.Module, images: int) -> None:
-        """BatchNorm statistics of the trained weights on ``images`` training images (0: none)."""
+        """BatchNorm statistics of the trained weights on ``images`` training images (0: none); those QAT froze
+        stay as they are (:meth:`fit`)."""
         if images:
             recalibrate_bn(net, self.x_train, images, device=self.dist.device)
             self.say(f"BatchNorm statistics re-estimated on {min(images, len(self.x_train))} training images "
@@ -261,13 +270,13 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     weights starts at that PTQ point and fine-tunes what the export will compute: BatchNorm frozen, biases rounded
     as exported (:func:`qkit.quant.train_as_deployed`; ``calibrate_images`` 0: neither, and Brevitas collects
     the ranges while training).
-    ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off;
-    None: :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own,
-    whose statistics settle in their recipes). A model from outside the zoo trained from scratch (no ``init``)
-    starts with its classifier at zero if its init is too wide (:func:`_zero_wide_head`). ``image_size``,
-    ``mean``, ``std``: see :func:`qkit.data.load_dataset`. ``crop_augment``/``flip_augment`` override the
-    recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel: each rank takes a
-    DistributedSampler shard of every global batch, and only rank 0 evaluates and writes files."""
+    ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off; None:
+    :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own, whose statistics
+    settle in their recipes; :meth:`_Session.fit`: 8-bit QAT's frozen ones again after epoch 1). A model from outside
+    the zoo trained from scratch (no ``init``) starts with its classifier at zero if its init is too wide
+    (:func:`_zero_wide_head`). ``image_size``, ``mean``, ``std``: see :func:`qkit.data.load_dataset`.
+    ``crop_augment``/``flip_augment`` override the recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with
+    DistributedDataParallel, each rank on a DistributedSampler shard; rank 0 alone evaluates and writes files."""
     augment = {"crop_augment": crop_augment, "flip_augment": flip_augment}
     recipe, ptq, bn_images = _post_training(_recipe(recipe, data, epochs, batch_size, lr, augment), model, bn_images)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -295,8 +304,8 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         say = _Log(stack, work, dist.main, log)
         session = _Session(recipe, ds, net, Objective(recipe.train, teacher_net), dist, work, meta, say, progress)
         _start(session, run, resume, resuming, lr, head, deployed)
-        session.fit(dist.wrap(net))
-        session.reestimate_bn(net, 0 if ptq else bn_images)  # PTQ's were; frozen ones stay as they are
+        session.fit(dist.wrap(net), bn_images if _float_statistics(recipe) else 0)
+        session.reestimate_bn(net, 0 if ptq else bn_images)  # PTQ's were before calibration
         if not dist.main:
             return {}
         metrics = {**session.metrics(init, teacher), **tuned}
@@ -341,7 +350,8 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate
 
     The statistics BatchNorm is frozen at: at 8 bits a quantized layer is its float layer plus rounding noise,
     and the float model's statistics are right (re-estimated on the quantized model, σ grows by that noise and
-    the signal shrinks: timm's efficientnet_b0 QAT 95.0 → 93.7 %). Below 8 bits it computes another function,
+    the signal shrinks: timm's efficientnet_b0 QAT 95.0 → 93.7 %); after its first epoch QAT takes them there
+    again, for the weights it has learned (:meth:`_Session.fit`). Below 8 bits it computes another function,
     so they are re-estimated on the quantized model and the ranges calibrated again (digits lenet5, QAT seeds
     0-3 from the fp32 run: w2a2 95.4 → 97.4 %, w1a8 96.5 → 97.1 %)."""
     x = ds.split("train")[0] if start else None
@@ -355,10 +365,15 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate
     calibrate(net, x, calibrate_images, device=device)
     if recipe.train.epochs == 0:
         return net, 0
-    if min(recipe.weight_bits, recipe.act_bits) < 8:
+    if not _float_statistics(recipe):
         recalibrate_bn(net, x, calibrate_images, device=device)
         calibrate(net, x, calibrate_images, device=device)
     return net, train_as_deployed(net)
+
+
+def _float_statistics(recipe: Recipe) -> bool:
+    """Whether QAT freezes BatchNorm at the float network's statistics (8 bits and up; see :func:`_prepare`)."""
+    return min(recipe.weight_bits, recipe.act_bits) >= 8
 
 
 def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None, head: str | None,
