@@ -35,6 +35,17 @@ def _head_with_bn() -> nn.Module:
     return nn.Sequential(nn.Flatten(), head, bn)
 
 
+def _deployed_head() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_head_with_bn`` at int8, calibrated on digits and fine-tuning as deployed; digits' train images and
+    labels and test images beside it."""
+    ds = load_dataset("digits")
+    x, y = ds.split("train")
+    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
+    calibrate(net, x, 500)
+    train_as_deployed(net)
+    return net, x, y, ds.split("test")[0]
+
+
 def test_the_fine_tuned_model_computes_with_the_biases_the_export_writes():
     """With train_as_deployed the model's logits are those of the same model with the exported int32 biases
     (qkit check's reference), to float rounding; without it they differ by the rounding (up to 5e-5 here)."""
@@ -60,12 +71,7 @@ def test_the_rounding_follows_the_parameters_as_they_train(optimizer):
     """After optimizer steps (which change the weights, γ, β and the activation scale in place; a fused
     optimizer without bumping their version counters) the model still computes with the biases the export of
     its current parameters writes: the offsets are not stale."""
-    ds = load_dataset("digits")
-    x, y = ds.split("train")
-    x_test, _ = ds.split("test")
-    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
-    calibrate(net, x, 500)
-    train_as_deployed(net)
+    net, x, y, x_test = _deployed_head()
     before = predict(net, x_test).numpy()
     _steps(net, x, y, optimizer)
     tuned = predict(net, x_test).numpy()
@@ -112,11 +118,7 @@ def test_layers_with_two_bit_weights_keep_training_their_batchnorm():
 def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_learn():
     """A training step in train() mode moves neither running statistic, and the gradient reaches β and the
     layer's bias unchanged by the rounding (straight-through: d out/d β is 1 per sample)."""
-    ds = load_dataset("digits")
-    x, y = ds.split("train")
-    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
-    calibrate(net, x, 500)
-    train_as_deployed(net)
+    net, x, _, _ = _deployed_head()
     bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
     stats = bn.running_mean.clone(), bn.running_var.clone()
     net.train()
@@ -131,12 +133,7 @@ def test_eight_bit_qat_takes_the_float_networks_statistics_again_and_keeps_them_
     """What ``qkit.train`` does after 8-bit QAT's first epoch with --bn-images: each frozen BatchNorm takes the
     statistics of the float network its trained weights define on clean training images (as it was frozen at
     the start), stays frozen, and its layer computes with the biases the export of those statistics writes."""
-    ds = load_dataset("digits")
-    x, y = ds.split("train")
-    x_test, _ = ds.split("test")
-    net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
-    calibrate(net, x, 500)
-    train_as_deployed(net)
+    net, x, y, x_test = _deployed_head()
     _steps(net, x, y, lambda p: torch.optim.SGD(p, lr=0.05))
     bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
     layer = next(m for m in net.modules() if isinstance(m, nn.Linear))
