@@ -109,8 +109,11 @@ def cli() -> None:
                    "PyTorch's default Linear (EfficientNet's) starts with that classifier at zero.")
 @click.option("--calibrate", type=click.IntRange(0), default=1000, show_default=True,
               help="Training images that set the activation ranges for PTQ (--epochs 0) and before QAT from "
-                   "--init weights, which then starts where PTQ ends and fine-tunes with BatchNorm frozen and each "
-                   "bias rounded as the export rounds it; 0 skips both for QAT.")
+                   "--init weights, which then starts where PTQ ends (see --freeze-bn); 0 skips both for QAT.")
+@click.option("--freeze-bn/--no-freeze-bn", default=True, show_default=True,
+              help="QAT from --init weights: fine-tune the arithmetic the export computes, BatchNorm frozen at the "
+                   "float model's statistics and each bias rounded as the export rounds it; off, BatchNorm trains "
+                   "on batch statistics with float biases (README: which architectures gain from which).")
 @click.option("--bn-images", type=click.IntRange(0), default=None,
               help="Re-estimate BatchNorm statistics on this many training images before evaluation and export; "
                    "0 turns it off. [default: 2000 for PTQ and models outside qkit's zoo, else 0]")
@@ -133,8 +136,8 @@ def cli() -> None:
 @quiet_opt
 @json_opt
 def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, seed, teacher, init, calibrate,
-          bn_images, image_size, mean, std, crop_augment, flip_augment, device, nproc, resume, overwrite, out, quiet,
-          as_json) -> None:
+          freeze_bn, bn_images, image_size, mean, std, crop_augment, flip_augment, device, nproc, resume, overwrite,
+          out, quiet, as_json) -> None:
     """Train a model with a quantization recipe; writes runs/NAME/ (checkpoint.pt, metrics.json, ...)."""
     from qkit.quant import resolve_recipe
     from qkit.training import train as run_train
@@ -145,8 +148,9 @@ def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, se
     metrics = run_train(model, data, r, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher,
                         init=init, device=device, resume=resume, out=out, overwrite=overwrite,
                         progress=_progress(quiet), log=_say(quiet or as_json), calibrate_images=calibrate,
-                        bn_images=bn_images, image_size=image_size, mean=_csv_floats(mean, "--mean"),
-                        std=_csv_floats(std, "--std"), crop_augment=crop_augment, flip_augment=flip_augment)
+                        freeze_bn=freeze_bn, bn_images=bn_images, image_size=image_size,
+                        mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"), crop_augment=crop_augment,
+                        flip_augment=flip_augment)
     if not metrics:  # a torchrun rank other than 0: rank 0 reports
         return
     summary = {k: v for k, v in metrics.items() if k != "history"}

@@ -150,3 +150,18 @@ def test_qat_from_trained_weights_starts_where_ptq_ends(ptq, runs, tmp_path):
               for r in (run, tmp_path / "int8-qat")]
     assert len(scales[0]) == 4 and scales[0].keys() == scales[1].keys()
     assert all(torch.allclose(scales[0][k], scales[1][k], rtol=1e-6) for k in scales[0])
+
+
+@pytest.mark.parametrize("freeze_bn, deployed", [(True, 4), (False, 0)])
+def test_qat_freezes_batchnorm_unless_told_not_to(ptq, runs, tmp_path, freeze_bn, deployed):
+    """QAT from --init fine-tunes the exported arithmetic: its BatchNorm statistics stay PTQ's for the first epoch
+    and its 4 layers train with their exported bias rounding. --no-freeze-bn trains BatchNorm on batch statistics
+    with float biases instead (better for some architectures, worse for others: README), so the statistics move."""
+    run, metrics = ptq
+    m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=1, init=str(runs["fp32"]),
+                   bn_images=metrics["bn_images"], freeze_bn=freeze_bn, out=tmp_path / "qat", progress=False)
+    assert m["method"] == "qat" and m["deployed_bias_layers"] == deployed
+    means = [{k: v for k, v in load_model(r, "lenet5")[0].state_dict().items() if k.endswith("running_mean")}
+             for r in (run, tmp_path / "qat")]
+    assert len(means[0]) == 3 and means[0].keys() == means[1].keys()
+    assert all(torch.equal(means[0][k], means[1][k]) for k in means[0]) == freeze_bn
