@@ -146,8 +146,7 @@ def test_qat_from_trained_weights_starts_where_ptq_ends(ptq, runs, tmp_path):
     assert m["method"] == "qat" and m["calibration_images"] == metrics["calibration_images"] > 0
     log = (tmp_path / "int8-qat" / "train.log").read_text()
     assert "3 frozen BatchNorms re-estimated on the float network of epoch 1" in log
-    scales = [{k: v for k, v in load_model(r, "lenet5")[0].state_dict().items() if k.endswith("scaling_impl.value")}
-              for r in (run, tmp_path / "int8-qat")]
+    scales = [_tensors(r, "scaling_impl.value") for r in (run, tmp_path / "int8-qat")]
     assert len(scales[0]) == 4 and scales[0].keys() == scales[1].keys()
     assert all(torch.allclose(scales[0][k], scales[1][k], rtol=1e-6) for k in scales[0])
 
@@ -161,7 +160,11 @@ def test_qat_freezes_batchnorm_unless_told_not_to(ptq, runs, tmp_path, freeze_bn
     m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=1, init=str(runs["fp32"]),
                    bn_images=metrics["bn_images"], freeze_bn=freeze_bn, out=tmp_path / "qat", progress=False)
     assert m["method"] == "qat" and m["deployed_bias_layers"] == deployed
-    means = [{k: v for k, v in load_model(r, "lenet5")[0].state_dict().items() if k.endswith("running_mean")}
-             for r in (run, tmp_path / "qat")]
+    means = [_tensors(r, "running_mean") for r in (run, tmp_path / "qat")]
     assert len(means[0]) == 3 and means[0].keys() == means[1].keys()
     assert all(torch.equal(means[0][k], means[1][k]) for k in means[0]) == freeze_bn
+
+
+def _tensors(run, suffix: str) -> dict[str, torch.Tensor]:
+    """The lenet5 run's state_dict entries whose names end in ``suffix``."""
+    return {k: v for k, v in load_model(run, "lenet5")[0].state_dict().items() if k.endswith(suffix)}
