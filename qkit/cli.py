@@ -130,7 +130,8 @@ def cli() -> None:
               help="Random left-right mirror in training. [default: the recipe's]")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--nproc", type=click.IntRange(1), default=1, show_default=True, help="Processes (DDP via torchrun).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt, with the options it "
+              "started with (more --epochs or a new --lr allowed).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 @click.option("--out", default=None, help="Run directory. [default: runs/MODEL-DATA-RECIPE]")
 @quiet_opt

@@ -9,6 +9,7 @@ from torch import nn
 
 import qkit
 from qkit.data import load_dataset
+from qkit.errors import QkitError
 from qkit.training.calibrate import recalibrate_bn
 from qkit.training.checkpoint import load_model
 from tests.conftest import run_cli
@@ -155,7 +156,8 @@ def test_qat_from_trained_weights_starts_where_ptq_ends(ptq, runs, tmp_path):
 def test_qat_freezes_batchnorm_unless_told_not_to(ptq, runs, tmp_path, freeze_bn, deployed):
     """QAT from --init fine-tunes the exported arithmetic: its BatchNorm statistics stay PTQ's for the first epoch
     and its 4 layers train with their exported bias rounding. --no-freeze-bn trains BatchNorm on batch statistics
-    with float biases instead (better for some architectures, worse for others: README), so the statistics move."""
+    with float biases instead (better for some architectures, worse for others: README), so the statistics move.
+    A run resumes only the way it started."""
     run, metrics = ptq
     m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=1, init=str(runs["fp32"]),
                    bn_images=metrics["bn_images"], freeze_bn=freeze_bn, out=tmp_path / "qat", progress=False)
@@ -163,6 +165,12 @@ def test_qat_freezes_batchnorm_unless_told_not_to(ptq, runs, tmp_path, freeze_bn
     means = [_tensors(r, "running_mean") for r in (run, tmp_path / "qat")]
     assert len(means[0]) == 3 and means[0].keys() == means[1].keys()
     assert all(torch.equal(means[0][k], means[1][k]) for k in means[0]) == freeze_bn
+    last = (tmp_path / "qat" / "last.pt").read_bytes()
+    with pytest.raises(QkitError, match="--resume: .* other --freeze-bn/--no-freeze-bn"):
+        qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=2, init=str(runs["fp32"]),
+                   bn_images=metrics["bn_images"], freeze_bn=not freeze_bn, out=tmp_path / "qat", resume=True,
+                   progress=False)
+    assert (tmp_path / "qat" / "last.pt").read_bytes() == last
 
 
 def _tensors(run, suffix: str) -> dict[str, torch.Tensor]:

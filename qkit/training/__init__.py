@@ -243,12 +243,29 @@ class _Log:
                 self.log(msg)
 
 
+# What defines a run, and the option that sets each: resumed under another value, the run would silently become
+# something else (say, QAT that froze BatchNorm for an epoch, then not). The recipe's train: section may change:
+# more --epochs or a lower --lr is what resuming is for.
+_RUN_OPTIONS = {"model": "--model", "data": "--data", "seed": "--seed", "image_size": "--image-size",
+                "mean": "--mean", "std": "--std", "recipe": "--recipe", "method": "--init/--epochs",
+                "calibration_images": "--calibrate", "bn_images": "--bn-images",
+                "deployed_bias_layers": "--freeze-bn/--no-freeze-bn"}
+
+
+def _run_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The settings :data:`_RUN_OPTIONS` names, from a run's metadata (a run from an older qkit lacks some)."""
+    recipe = {k: v for k, v in meta["recipe"].items() if k != "train"}
+    return {k: v for k, v in {**meta, **meta.get("tuning", {}), "recipe": recipe}.items() if k in _RUN_OPTIONS}
+
+
 def _resume(session: _Session, run: Path, lr: float | None) -> None:
     state = checkpoint.load(session.work / "last.pt")
-    m = session.meta
-    if (state["model"], state["data"], state["seed"]) != (m["model"], m["data"], m["seed"]):
-        raise QkitError(f"--resume: {run} trains {state['model']} on {state['data']} with seed {state['seed']}; "
-                        "pass the same --model, --data and --seed")
+    theirs, ours = _run_settings(state), _run_settings(session.meta)
+    differ = [k for k in theirs if theirs[k] != ours[k]]
+    if differ:
+        key, shown = differ[0], (lambda v: v["name"] if key == "recipe" else v)
+        raise QkitError(f"--resume: {run} was started with other {_RUN_OPTIONS[key]} ({key} {shown(theirs[key])}, "
+                        f"now {shown(ours[key])}); pass the options it was started with, or --overwrite to start again")
     session.state.from_checkpoint(state)
     if lr is not None:  # an explicit --lr on resume (say, after a divergence) replaces the stored one
         session.state.set_lr(lr)
@@ -292,11 +309,12 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     net, deployed = _prepare(net, recipe, ds, start, calibrate_images, bn_images, dist.device, freeze_bn)
     teacher_net = checkpoint.load_model(teacher, model)[0].to(dist.device) if teacher else None
     resuming = resume and (run / "last.pt").is_file()
-    meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
-            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
-            "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "qkit_version": qkit.__version__}
     tuned = _tuning(recipe, ptq, start, min(calibrate_images, len(ds.y_train)), min(bn_images, len(ds.y_train)),
                     deployed)
+    meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
+            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
+            "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "tuning": tuned,
+            "qkit_version": qkit.__version__}
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
         work = claim_run_dir(stack, run, resuming, overwrite) if dist.main else run
