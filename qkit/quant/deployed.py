@@ -40,7 +40,9 @@ from qkit.quant.schemes import owner
 
 class FrozenStats:
     """Mixin for a BatchNorm class: always in eval mode, so its running statistics (what the export folds)
-    normalise every batch and never change; its affine γ and β still train."""
+    normalise every batch and never change; its affine γ and β still train. ``thawed``: the class it froze."""
+
+    thawed: type
 
     def train(self, mode: bool = True):
         return super().train(False)
@@ -48,7 +50,7 @@ class FrozenStats:
 
 @functools.cache
 def _frozen(cls: type) -> type:
-    return type(f"Frozen{cls.__name__}", (FrozenStats, cls), {"__module__": __name__})
+    return type(f"Frozen{cls.__name__}", (FrozenStats, cls), {"__module__": __name__, "thawed": cls})
 
 
 def freeze(bn: nn.Module) -> None:
@@ -61,7 +63,7 @@ def freeze(bn: nn.Module) -> None:
 def thaw(bn: nn.Module) -> None:
     """Undo :func:`freeze`: ``bn`` follows its batch statistics in training mode again."""
     if isinstance(bn, FrozenStats):
-        bn.__class__ = type(bn).__bases__[1]
+        bn.__class__ = type(bn).thawed
 
 
 def add_per_channel(module: nn.Module, offset: torch.Tensor | Callable[[], torch.Tensor]) -> RemovableHandle:
