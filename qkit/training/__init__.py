@@ -253,8 +253,9 @@ _RUN_OPTIONS = {"model": "--model", "data": "--data", "seed": "--seed", "image_s
 
 
 def _run_settings(meta: dict[str, Any]) -> dict[str, Any]:
-    """The settings :data:`_RUN_OPTIONS` names, from a run's metadata (a run from an older qkit lacks some)."""
-    recipe = {k: v for k, v in meta["recipe"].items() if k != "train"}
+    """The settings :data:`_RUN_OPTIONS` names, from a run's metadata (a run from an older qkit lacks some; its
+    recipe is read as today's qkit reads it)."""
+    recipe = {k: v for k, v in Recipe.from_dict(meta["recipe"], "--resume").to_dict().items() if k != "train"}
     return {k: v for k, v in {**meta, **meta.get("tuning", {}), "recipe": recipe}.items() if k in _RUN_OPTIONS}
 
 
@@ -263,9 +264,10 @@ def _resume(session: _Session, run: Path, lr: float | None) -> None:
     theirs, ours = _run_settings(state), _run_settings(session.meta)
     differ = [k for k in theirs if theirs[k] != ours[k]]
     if differ:
-        key, shown = differ[0], (lambda v: v["name"] if key == "recipe" else v)
-        raise QkitError(f"--resume: {run} was started with other {_RUN_OPTIONS[key]} ({key} {shown(theirs[key])}, "
-                        f"now {shown(ours[key])}); pass the options it was started with, or --overwrite to start again")
+        key = differ[0]
+        was, now = (theirs[key]["name"], ours[key]["name"]) if key == "recipe" else (theirs[key], ours[key])
+        raise QkitError(f"--resume: {run} was started with other {_RUN_OPTIONS[key]} ({key} {was}, now {now}); "
+                        "pass the options it was started with, or --overwrite to start again")
     session.state.from_checkpoint(state)
     if lr is not None:  # an explicit --lr on resume (say, after a divergence) replaces the stored one
         session.state.set_lr(lr)
