@@ -313,10 +313,7 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     resuming = resume and (run / "last.pt").is_file()
     tuned = _tuning(recipe, ptq, start, min(calibrate_images, len(ds.y_train)), min(bn_images, len(ds.y_train)),
                     deployed)
-    meta = {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
-            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
-            "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "tuning": tuned,
-            "qkit_version": qkit.__version__}
+    meta = _run_meta(model, data, ds, image_size, recipe, seed, tuned)
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
         work = claim_run_dir(stack, run, resuming, overwrite) if dist.main else run
@@ -335,6 +332,16 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         if work != run:
             replace_with(work, run)
         return metrics
+
+
+def _run_meta(model: str, data: str, ds: Dataset, image_size: int | None, recipe: Recipe, seed: int,
+              tuned: dict[str, Any]) -> dict[str, Any]:
+    """What a run's checkpoints record of it: enough to rebuild and preprocess the model (export, the app) and to
+    resume it only as it started (:func:`_run_settings`)."""
+    return {"model": model, "data": data, "data_name": ds.name, "input_shape": list(ds.input_shape),
+            "labels": ds.labels, "mean": ds.mean, "std": ds.std, "scale": ds.scale, "image_size": image_size,
+            "resize": ds.resize, "recipe": recipe.to_dict(), "seed": seed, "tuning": tuned,
+            "qkit_version": qkit.__version__}
 
 
 def _post_training(recipe: Recipe, model: str, bn_images: int | None) -> tuple[Recipe, bool, int]:
