@@ -3,8 +3,9 @@ on a folder of mixed-size colour photos, their weights saved as a plain state_di
 (calibration only) and by QAT from those weights; every run exported and checked on every target CPU.
 
     python benchmarks/real_models.py [--models torchvision.models:resnet18,...] [--fp32-epochs E] [--fp32-lr LR]
-        [--qat-epochs 2] [--qat-lr LR] [--qat-seeds N] [--no-freeze-bn] [--size 32] [--work /tmp/qkit-real]
-        [--photos mnist5k] [--per-class-train 400] [--per-class-test 100] [--out reports/real_models.md]
+        [--qat-epochs 2] [--qat-lr LR] [--qat-seeds N] [--freeze-bn] [--no-round-bias] [--size 32]
+        [--work /tmp/qkit-real] [--photos mnist5k] [--per-class-train 400] [--per-class-test 100]
+        [--out reports/real_models.md]
 
 The photo folder is benchmarks/photo_folder.py's (mnist5k's digits, 4,000 train / 1,000 test, colour, 24-64 px; or
 Fashion-MNIST's clothing, whose 10,000 test photos resolve 0.01 point with --per-class-test 1000). One row per
@@ -67,7 +68,7 @@ def checked(run: Path, bundle: Path, model: str, targets: str) -> dict:
 
 def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epochs: int,
         fp32_lr: float | None = None, qat_lr: float | None = None, qat_seeds: int = 1,
-        reuse_fp32: bool = False, freeze_bn: bool = True) -> dict:
+        reuse_fp32: bool = False, round_bias: bool = True, freeze_bn: bool = False) -> dict:
     tag = model.split(":")[-1] + ("-timm" if model.startswith("timm") else "")
     common = ["--model", model, "--data", data, "--image-size", str(size), "--overwrite"]
     fp32_lr = fp32_lr or load_recipe("fp32").train.lr
@@ -90,7 +91,7 @@ def one(model: str, data: str, size: int, work: Path, fp32_epochs: int, qat_epoc
     for seed in range(qat_seeds):  # QAT's spread over seeds (shuffling, augmentation) puts PTQ's gap in scale
         run = work / f"{tag}-qat-seed{seed}"
         qkit(*int8, "--epochs", str(qat_epochs), "--lr", str(qat_lr), "--seed", str(seed), "--out", str(run),
-             "--freeze-bn" if freeze_bn else "--no-freeze-bn")
+             "--round-bias" if round_bias else "--no-round-bias", "--freeze-bn" if freeze_bn else "--no-freeze-bn")
         row["qat"].append({"seed": seed, **checked(run, work / f"{tag}-qat-seed{seed}-bundle", model, "all"),
                            **discordant(ptq_right, right(work / f"{tag}-qat-seed{seed}-bundle", x, y))})
     row["seconds"] = round(time.time() - t0)
@@ -144,8 +145,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/qkit-real"))
     p.add_argument("--reuse-fp32", action="store_true", help="keep an fp32 run already in --work (the slowest part; "
                    "qkit's quantization code does not touch it): exported and checked again, PTQ and QAT rerun")
-    p.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false",
-                   help="QAT with BatchNorm on batch statistics and float biases (qkit train --no-freeze-bn)")
+    p.add_argument("--no-round-bias", dest="round_bias", action="store_false",
+                   help="QAT with float biases (qkit train --no-round-bias)")
+    p.add_argument("--freeze-bn", action="store_true",
+                   help="QAT with BatchNorm frozen at the float model's statistics (qkit train --freeze-bn)")
     p.add_argument("--photos", default="mnist5k", choices=["mnist5k", "fashion-mnist"], help="the photos' source")
     p.add_argument("--per-class-train", type=int, default=400)
     p.add_argument("--per-class-test", type=int, default=100)
@@ -158,7 +161,7 @@ def main() -> None:
     for model in a.models.split(","):
         epochs, fp32_lr = MODELS.get(model, (6, None))
         rows.append(one(model, f"imagefolder:{photos}", a.size, a.work, a.fp32_epochs or epochs, a.qat_epochs,
-                        a.fp32_lr or fp32_lr, a.qat_lr, a.qat_seeds, a.reuse_fp32, a.freeze_bn))
+                        a.fp32_lr or fp32_lr, a.qat_lr, a.qat_seeds, a.reuse_fp32, a.round_bias, a.freeze_bn))
         print(json.dumps(rows[-1]), flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(table(rows))

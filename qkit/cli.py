@@ -109,11 +109,15 @@ def cli() -> None:
                    "PyTorch's default Linear (EfficientNet's) starts with that classifier at zero.")
 @click.option("--calibrate", type=click.IntRange(0), default=1000, show_default=True,
               help="Training images that set the activation ranges for PTQ (--epochs 0) and before QAT from "
-                   "--init weights, which then starts where PTQ ends (see --freeze-bn); 0 skips both for QAT.")
-@click.option("--freeze-bn/--no-freeze-bn", default=True, show_default=True,
-              help="QAT from --init weights: fine-tune the arithmetic the export computes, BatchNorm frozen at the "
-                   "float model's statistics and each bias rounded as the export rounds it; off, BatchNorm trains "
-                   "on batch statistics with float biases (README: which architectures gain from which).")
+                   "--init weights, which then starts where PTQ ends (see --round-bias); 0 skips both for QAT.")
+@click.option("--round-bias/--no-round-bias", default=True, show_default=True,
+              help="QAT from --init weights: each layer trains with the rounding the export gives its folded bias "
+                   "(its int32 bias); off, biases train as floats.")
+@click.option("--freeze-bn/--no-freeze-bn", default=None,
+              help="QAT from --init weights: BatchNorm frozen at the float model's statistics, so each layer "
+                   "computes exactly its folded, exported form; off, BatchNorm trains on batch statistics "
+                   "(README: which architectures gain from which). [default: on for qkit's zoo models, off for "
+                   "models from outside it]")
 @click.option("--bn-images", type=click.IntRange(0), default=None,
               help="Re-estimate BatchNorm statistics on this many training images before evaluation and export; "
                    "0 turns it off. [default: 2000 for PTQ and models outside qkit's zoo, else 0]")
@@ -137,8 +141,8 @@ def cli() -> None:
 @quiet_opt
 @json_opt
 def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, seed, teacher, init, calibrate,
-          freeze_bn, bn_images, image_size, mean, std, crop_augment, flip_augment, device, nproc, resume, overwrite,
-          out, quiet, as_json) -> None:
+          round_bias, freeze_bn, bn_images, image_size, mean, std, crop_augment, flip_augment, device, nproc, resume,
+          overwrite, out, quiet, as_json) -> None:
     """Train a model with a quantization recipe; writes runs/NAME/ (checkpoint.pt, metrics.json, ...)."""
     from qkit.quant import resolve_recipe
     from qkit.training import train as run_train
@@ -149,7 +153,7 @@ def train(model, data, recipe, bits, act_bits, adder, epochs, batch_size, lr, se
     metrics = run_train(model, data, r, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher,
                         init=init, device=device, resume=resume, out=out, overwrite=overwrite,
                         progress=_progress(quiet), log=_say(quiet or as_json), calibrate_images=calibrate,
-                        freeze_bn=freeze_bn, bn_images=bn_images, image_size=image_size,
+                        round_bias=round_bias, freeze_bn=freeze_bn, bn_images=bn_images, image_size=image_size,
                         mean=_csv_floats(mean, "--mean"), std=_csv_floats(std, "--std"), crop_augment=crop_augment,
                         flip_augment=flip_augment)
     if not metrics:  # a torchrun rank other than 0: rank 0 reports
@@ -260,7 +264,8 @@ def _check_lines(c: CheckResult) -> list[str]:
         b = c.baseline
         lines.append(f"  vs baseline {b['top1']:.2f}%: drop {b['drop']:+.2f} points (max {b['max_drop']})")
     e = c.execution
-    lines.append(f"  conv/matmul nodes after ORT optimisation: int8 {e['int8']} · fp16 {e['fp16']} · fp32 {e['fp32']}")
+    lines.append(f"  conv/matmul nodes after ORT optimisation: int8 {e['int8']} · fp16 {e['fp16']} · "
+                 f"fp32 {e['fp32']}")
     lines.append("PASS" if c.passed else f"FAIL: {', '.join(c.failed)}")
     return lines
 

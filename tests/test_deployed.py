@@ -1,5 +1,5 @@
-"""Fine-tuning on the deployed arithmetic (qkit.quant.train_as_deployed): BatchNorm frozen at the statistics
-the export folds, each layer's bias rounded as its int32 bias will be."""
+"""Fine-tuning on the deployed arithmetic (qkit.quant.train_as_deployed): each layer's bias rounded as its int32
+bias will be, and (freeze_bn) BatchNorm frozen at the statistics the export folds."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,7 @@ from qkit.export.reference import exported_biases
 from qkit.quant import convert, recipe_of, train_as_deployed
 from qkit.quant.deployed import FrozenStats
 from qkit.training import predict
-from qkit.training.calibrate import calibrate, refreeze_from_float
+from qkit.training.calibrate import calibrate, reestimate_on_float
 from qkit.training.checkpoint import load_model
 
 
@@ -35,14 +35,14 @@ def _head_with_bn() -> nn.Module:
     return nn.Sequential(nn.Flatten(), head, bn)
 
 
-def _deployed_head() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``_head_with_bn`` at int8, calibrated on digits and fine-tuning as deployed; digits' train images and
-    labels and test images beside it."""
+def _deployed_head(freeze_bn: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_head_with_bn`` at int8, calibrated on digits and fine-tuning as deployed (``freeze_bn``: BatchNorm
+    frozen too); digits' train images and labels and test images beside it."""
     ds = load_dataset("digits")
     x, y = ds.split("train")
     net = qkit.quantize(_head_with_bn(), qkit.load_recipe("int8"))
     calibrate(net, x, 500)
-    train_as_deployed(net)
+    train_as_deployed(net, freeze_bn=freeze_bn)
     return net, x, y, ds.split("test")[0]
 
 
@@ -68,10 +68,11 @@ def test_the_fine_tuned_model_computes_with_the_biases_the_export_writes():
 @pytest.mark.parametrize("optimizer", [lambda p: torch.optim.SGD(p, lr=0.05),
                                        lambda p: torch.optim.AdamW(p, lr=0.01, fused=True)], ids=["sgd", "fused-adamw"])
 def test_the_rounding_follows_the_parameters_as_they_train(optimizer):
-    """After optimizer steps (which change the weights, γ, β and the activation scale in place; a fused
-    optimizer without bumping their version counters) the model still computes with the biases the export of
-    its current parameters writes: the offsets are not stale."""
-    net, x, y, x_test = _deployed_head()
+    """After training steps (which change the weights, γ, β and the activation scale in place, a fused
+    optimizer without bumping their version counters, and BatchNorm's running statistics) the model still
+    computes with the biases the export of its current parameters and statistics writes: the offsets are not
+    stale."""
+    net, x, y, x_test = _deployed_head(freeze_bn=False)
     before = predict(net, x_test).numpy()
     _steps(net, x, y, optimizer)
     tuned = predict(net, x_test).numpy()
@@ -99,9 +100,9 @@ def _steps(net: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer, steps: i
 
 
 def test_layers_with_two_bit_weights_keep_training_their_batchnorm():
-    """A 2-bit layer's output statistics move as QAT carries weights across its few levels, so it trains as
-    before (BatchNorm on batch statistics, no rounding offset); the 8-bit first and last layers of the same
-    recipe, and 4-bit layers, fine-tune the deployed arithmetic."""
+    """A 2-bit layer's output statistics move as QAT carries weights across its few levels, so even with
+    freeze_bn it trains as before (BatchNorm on batch statistics, no rounding offset); the 8-bit first and last
+    layers of the same recipe, and 4-bit layers, fine-tune the deployed arithmetic."""
     x, _ = load_dataset("digits").split("train")
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
@@ -110,15 +111,15 @@ def test_layers_with_two_bit_weights_keep_training_their_batchnorm():
     for recipe in ("w2a8", "w4a8"):
         net = qkit.quantize(copy.deepcopy(mlp), qkit.load_recipe(recipe))
         calibrate(net, x, 500)
-        tuned[recipe] = train_as_deployed(net), [isinstance(m, FrozenStats) for m in net.modules()
+        tuned[recipe] = train_as_deployed(net, freeze_bn=True), [isinstance(m, FrozenStats) for m in net.modules()
                                                  if isinstance(m, nn.BatchNorm1d)]
     assert tuned == {"w2a8": (2, [True, False]), "w4a8": (3, [True, True])}
 
 
 def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_learn():
-    """A training step in train() mode moves neither running statistic, and the gradient reaches β and the
-    layer's bias unchanged by the rounding (straight-through: d out/d β is 1 per sample)."""
-    net, x, _, _ = _deployed_head()
+    """With freeze_bn a training step in train() mode moves neither running statistic, and the gradient reaches
+    β and the layer's bias unchanged by the rounding (straight-through: d out/d β is 1 per sample)."""
+    net, x, _, _ = _deployed_head(freeze_bn=True)
     bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
     stats = bn.running_mean.clone(), bn.running_var.clone()
     net.train()
@@ -129,29 +130,33 @@ def test_batchnorm_stays_at_its_statistics_while_its_affine_part_and_the_bias_le
     assert torch.allclose(bn.bias.grad, torch.full((10,), 64.0))
 
 
-def test_eight_bit_qat_takes_the_float_networks_statistics_again_and_keeps_them_frozen():
-    """What ``qkit.train`` does after 8-bit QAT's first epoch with --bn-images: each frozen BatchNorm takes the
-    statistics of the float network its trained weights define on clean training images (as it was frozen at
-    the start), stays frozen, and its layer computes with the biases the export of those statistics writes."""
-    net, x, y, x_test = _deployed_head()
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_eight_bit_qat_takes_the_float_networks_statistics(freeze_bn):
+    """What ``qkit.train`` does at the end of 8-bit QAT with --bn-images (and with --freeze-bn after its first
+    epoch): each BatchNorm on batch statistics (frozen one) takes the statistics of the float network its trained
+    weights define on clean training images, a frozen one stays frozen, and the layer computes with the biases
+    the export of those statistics writes."""
+    net, x, y, x_test = _deployed_head(freeze_bn)
     _steps(net, x, y, lambda p: torch.optim.SGD(p, lr=0.05))
     bn = next(m for m in net.modules() if isinstance(m, nn.BatchNorm1d))
     layer = next(m for m in net.modules() if isinstance(m, nn.Linear))
     before = bn.running_mean.clone()
-    assert refreeze_from_float(net, x[:1400], images=1400) == 1
+    assert reestimate_on_float(net, x[:1400], images=1400, frozen=not freeze_bn) == 0  # the one BatchNorm is not
+    assert reestimate_on_float(net, x[:1400], images=1400, frozen=freeze_bn) == 1
     float_out = x[:1400].flatten(1) @ layer.weight.detach().T + layer.bias.detach()  # 14 batches of 100
     assert torch.allclose(bn.running_mean, float_out.mean(0), atol=1e-5)
     assert torch.allclose(bn.running_var, float_out.var(0), rtol=0.05)
     assert (bn.running_mean - before).abs().max() > 1e-3  # the steps moved what the statistics are taken on
-    assert isinstance(bn, FrozenStats) and not bn.training
+    assert isinstance(bn, FrozenStats) == freeze_bn
     assert np.abs(predict(net, x_test).numpy() - _with_exported_biases(net, x_test)).max() < 2e-6
 
 
 def test_qat_from_trained_weights_fine_tunes_the_deployed_arithmetic(runs):
     """The suite's int8 QAT from its fp32 run: every layer fine-tuned with its exported rounding, BatchNorm
-    still at the fp32 run's statistics (the zoo's own model: no re-estimation before or after)."""
+    frozen at the fp32 run's statistics (the zoo's own model: frozen by default, no re-estimation before or
+    after)."""
     metrics = json.loads((runs["int8"] / "metrics.json").read_text())
-    assert metrics["deployed_bias_layers"] == 4
+    assert metrics["deployed_bias_layers"] == 4 and metrics["batchnorm"] == "frozen"
     fp32, _ = load_model(runs["fp32"])
     int8, _ = load_model(runs["int8"])
     means = [[m.running_mean for m in n.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -136,40 +136,45 @@ def test_an_activation_dead_on_every_calibration_image_keeps_its_consumers_bias(
     assert r["parity"]["agreement"] == 100.0 and r["parity"]["max_abs_logit_diff"] < 0.05
 
 
-def test_qat_from_trained_weights_starts_where_ptq_ends(ptq, runs, tmp_path):
+@pytest.mark.parametrize("freeze_bn, statistics", [
+    (False, "BatchNorm statistics re-estimated on 1437 training images on the float network"),
+    (True, "3 frozen BatchNorms re-estimated on the float network of epoch 1")])
+def test_qat_from_trained_weights_starts_where_ptq_ends(ptq, runs, tmp_path, freeze_bn, statistics):
     """QAT from --init weights first re-estimates BatchNorm and calibrates as PTQ does, so after an epoch at a
     vanishing learning rate every learned activation range is still PTQ's: QAT's steps refine PTQ's model
-    rather than re-collecting its ranges under augmentation; after the first epoch, the statistics BatchNorm was
-    frozen at are taken again on the float network, as at its start."""
+    rather than re-collecting its ranges under augmentation. At 8 bits the statistics are taken on the float
+    network its weights define: at the end, or with --freeze-bn after the first epoch (as at its start)."""
     run, metrics = ptq
     m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=2, lr=1e-12, init=str(runs["fp32"]),
-                   bn_images=metrics["bn_images"], out=tmp_path / "int8-qat", progress=False)
+                   bn_images=metrics["bn_images"], freeze_bn=freeze_bn, out=tmp_path / "int8-qat", progress=False)
     assert m["method"] == "qat" and m["calibration_images"] == metrics["calibration_images"] > 0
-    log = (tmp_path / "int8-qat" / "train.log").read_text()
-    assert "3 frozen BatchNorms re-estimated on the float network of epoch 1" in log
+    assert statistics in (tmp_path / "int8-qat" / "train.log").read_text()
     scales = [_tensors(r, "scaling_impl.value") for r in (run, tmp_path / "int8-qat")]
     assert len(scales[0]) == 4 and scales[0].keys() == scales[1].keys()
     assert all(torch.allclose(scales[0][k], scales[1][k], rtol=1e-6) for k in scales[0])
 
 
-@pytest.mark.parametrize("freeze_bn, deployed", [(True, 4), (False, 0)])
-def test_qat_freezes_batchnorm_unless_told_not_to(ptq, runs, tmp_path, freeze_bn, deployed):
-    """QAT from --init fine-tunes the exported arithmetic: its BatchNorm statistics stay PTQ's for the first epoch
-    and its 4 layers train with their exported bias rounding. --no-freeze-bn trains BatchNorm on batch statistics
-    with float biases instead (better for some architectures, worse for others: README), so the statistics move.
-    A run resumes only the way it started."""
+@pytest.mark.parametrize("round_bias, freeze_bn", [(True, False), (True, True), (False, False)])
+def test_qat_rounds_biases_as_exported_and_freezes_batchnorm_when_told(ptq, runs, tmp_path, round_bias, freeze_bn):
+    """QAT from --init fine-tunes the exported arithmetic: its 4 layers train with their exported bias rounding
+    (--no-round-bias: float biases) and BatchNorm on batch statistics, so the statistics move; --freeze-bn keeps
+    them at PTQ's for the first epoch (better for some architectures, worse for others: README). A run resumes
+    only the way it started."""
     run, metrics = ptq
+    qat = {"bn_images": metrics["bn_images"], "out": tmp_path / "qat", "progress": False}
     m = qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=1, init=str(runs["fp32"]),
-                   bn_images=metrics["bn_images"], freeze_bn=freeze_bn, out=tmp_path / "qat", progress=False)
-    assert m["method"] == "qat" and m["deployed_bias_layers"] == deployed
+                   round_bias=round_bias, freeze_bn=freeze_bn, **qat)
+    assert m["method"] == "qat" and m["deployed_bias_layers"] == (4 if round_bias else 0)
+    assert m["batchnorm"] == ("frozen" if freeze_bn else "batch")
     means = [_tensors(r, "running_mean") for r in (run, tmp_path / "qat")]
     assert len(means[0]) == 3 and means[0].keys() == means[1].keys()
     assert all(torch.equal(means[0][k], means[1][k]) for k in means[0]) == freeze_bn
     last = (tmp_path / "qat" / "last.pt").read_bytes()
-    with pytest.raises(QkitError, match="--resume: .* other --freeze-bn/--no-freeze-bn"):
-        qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=2, init=str(runs["fp32"]),
-                   bn_images=metrics["bn_images"], freeze_bn=not freeze_bn, out=tmp_path / "qat", resume=True,
-                   progress=False)
+    for other, option in [({"freeze_bn": not freeze_bn, "round_bias": round_bias}, "--freeze-bn/--no-freeze-bn"),
+                          ({"freeze_bn": freeze_bn, "round_bias": not round_bias}, "--round-bias/--no-round-bias")]:
+        with pytest.raises(QkitError, match=f"--resume: .* other {option}"):
+            qkit.train("lenet5", "digits", qkit.load_recipe("int8"), epochs=2, init=str(runs["fp32"]), resume=True,
+                       **other, **qat)
     assert (tmp_path / "qat" / "last.pt").read_bytes() == last
 
 

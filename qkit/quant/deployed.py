@@ -1,24 +1,28 @@
-"""Fine-tuning on the arithmetic the bundle will run: BatchNorm frozen, each folded bias rounded as exported.
+"""Fine-tuning on the arithmetic the bundle will run: each folded bias rounded as exported, BatchNorm optionally frozen.
 
 An integer kernel adds a layer's bias in accumulator units: the export folds the following BatchNorm into the
 layer (at its running statistics) and rounds the folded bias b to the grid g = s_x·s_w, input scale times
-weight scale (:func:`qkit.export.onnx_passes.quantize_bias`). A model trained with BatchNorm on batch
-statistics and float biases never sees that rounding, and in a high-gain depthwise channel half a unit is
-several percent of an output level: after QAT it changed 1.7-2.3 % of torchvision's and 4.3-4.8 % of timm's
-EfficientNet-B0 answers. :func:`train_as_deployed` freezes each layer's BatchNorm at its running statistics
-(γ and β still learn: they fold into the weight scale and the bias), so the layer computes what its folded
-form computes, and adds to its folded output the offset round(b/g)·g − b, computed from the current
-weights and scales (again whenever one of them changed) and held constant in the backward pass
-(straight-through: the gradient reaches b unchanged). Jacob et al. 2018 (BatchNorm folded into the weights
-during training) and Krishnamoorthi 2018 (BatchNorm switched to its running statistics for the rest of
-fine-tuning) train the same way.
+weight scale (:func:`qkit.export.onnx_passes.quantize_bias`). A model trained with float biases never sees that
+rounding, and in a high-gain depthwise channel half a unit is several percent of an output level: after QAT it
+changed 1.7-2.3 % of torchvision's and 4.3-4.8 % of timm's EfficientNet-B0 answers. :func:`train_as_deployed` adds
+to each layer's folded output the offset round(b/g)·g − b, computed from the current weights, scales and running
+statistics (again whenever one of them changed) and held constant in the backward pass (straight-through: the
+gradient reaches b unchanged).
+
+With ``freeze_bn`` it also freezes each layer's BatchNorm at its running statistics (γ and β still learn: they
+fold into the weight scale and the bias), so the layer computes exactly what its folded form computes: Jacob et
+al. 2018 (BatchNorm folded into the weights during training) and Krishnamoorthi 2018 (BatchNorm switched to its
+running statistics for the rest of fine-tuning). qkit's training freezes them by default only for its zoo's own
+models: frozen at clean images' statistics while QAT trains on augmented ones, BatchNorm cost torchvision's
+mobilenet_v2 on Fashion-MNIST photos half a point on two machines' weights, where batch statistics with the
+rounding kept lost nothing (README, "Bring your own model").
 
 Where the export can give a channel a threshold-exact bias instead (integer kernels then pick the float
 layer's levels), the offset is at most half a unit the bundle does not add; such channels have many
 accumulator units per output level, where half a unit rarely moves one.
 
 :func:`float_network` gives the float network a fine-tuned model's weights define, for statistics: after its first
-epoch, QAT at 8 bits re-estimates its frozen statistics there (:mod:`qkit.training`), as they were before it began.
+epoch, QAT at 8 bits re-estimates frozen statistics there (:mod:`qkit.training`), as they were before it began.
 """
 from __future__ import annotations
 
@@ -104,18 +108,18 @@ def _deploy_act(node: object, gm: fx.GraphModule) -> QuantAct | None:
     return act if isinstance(act, QuantAct) else None
 
 
-def train_as_deployed(model: fx.GraphModule) -> int:
-    """Each layer on integer inputs: its BatchNorm frozen and the rounding its exported bias will have added
-    (see the module docstring); returns how many layers. For fine-tuning a trained, calibrated model (QAT from
-    PTQ's point); the hooks live as long as ``model``. Layers next to a sign activation are left alone: the
-    export gives a layer feeding one a bias that keeps every sign exact, and a BatchNorm in front of a sign
-    sets its threshold, whose statistics must follow the binarized layers (frozen at the float model's, the
-    normalised values leave the straight-through window |x| ≤ 1 and stop learning: the suite's w1a1 lenet5 on
-    digits fell from 87.8 % to 16.9 %). Layers with 2-bit weights train as before too: with 3-4 levels a layer's
-    output statistics move whenever QAT carries weights across a level, and frozen statistics cannot follow
-    (Fashion-MNIST lenet5 from its fp32 run, seed 0: w2a8 90.86 % frozen against 91.66 % not, w2a2 90.05 %
-    against 91.16 %; w4a8, w4a4 and w1a8 ended closer to fp32 than before the freeze). A float recipe's model
-    (not a traced graph) has none."""
+def train_as_deployed(model: fx.GraphModule, round_bias: bool = True, freeze_bn: bool = False) -> int:
+    """Each layer on integer inputs trains with the rounding its exported bias will have added (``round_bias``)
+    and, with ``freeze_bn``, its BatchNorm frozen (see the module docstring); returns how many layers round. For
+    fine-tuning a trained, calibrated model (QAT from PTQ's point); the hooks live as long as ``model``. Layers
+    next to a sign activation are left alone: the export gives a layer feeding one a bias that keeps every sign
+    exact, and a BatchNorm in front of a sign sets its threshold, whose statistics must follow the binarized
+    layers (frozen at the float model's, the normalised values leave the straight-through window |x| ≤ 1 and stop
+    learning: the suite's w1a1 lenet5 on digits fell from 87.8 % to 16.9 %). Layers with 2-bit weights are left
+    alone too: with 3-4 levels a layer's output statistics move whenever QAT carries weights across a level, and
+    frozen statistics cannot follow (Fashion-MNIST lenet5 from its fp32 run, seed 0, frozen and rounded: w2a8
+    90.86 % against 91.66 % as before, w2a2 90.05 % against 91.16 %; w4a8, w4a4 and w1a8 ended closer to fp32).
+    A float recipe's model (not a traced graph) has none."""
     if not isinstance(model, fx.GraphModule):
         return 0
     count = 0
@@ -133,11 +137,12 @@ def train_as_deployed(model: fx.GraphModule) -> int:
         if grid is None or grid.bits == 2:  # no integer weights with a scale per channel, or 2-bit ones
             continue
         bn = model.get_submodule(out.target) if out is not node else None
-        if bn is not None:
+        if bn is not None and freeze_bn:
             freeze(bn)
-        offset = _rounding(found[0], layer, bn, model.get_submodule(src.target))
-        add_per_channel(model.get_submodule(out.target), offset)
-        count += 1
+        if round_bias:
+            add_per_channel(model.get_submodule(out.target),
+                            _rounding(found[0], layer, bn, model.get_submodule(src.target)))
+            count += 1
     return count
 
 

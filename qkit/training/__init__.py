@@ -31,8 +31,9 @@ from qkit.errors import QkitError
 from qkit.fileio import replace_with, write_json, write_text
 from qkit.models import create_model, default_input_shape, list_models
 from qkit.quant import Recipe, load_recipe, quantize, train_as_deployed
+from qkit.quant.deployed import FrozenStats
 from qkit.training import checkpoint
-from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn, refreeze_from_float
+from qkit.training.calibrate import BN_IMAGES, CALIBRATION_IMAGES, calibrate, recalibrate_bn, reestimate_on_float
 from qkit.training.distributed import Dist
 from qkit.training.loop import Batches, TrainState, run_epoch
 from qkit.training.loss import Objective
@@ -155,13 +156,14 @@ class _Session:
 
     def fit(self, net: nn.Module, refreeze_images: int = 0) -> None:
         """Every remaining epoch; a diverged epoch is redone at half the learning rate while retries last.
-        ``refreeze_images`` (8-bit QAT with --bn-images): before the second epoch, the BatchNorm statistics QAT
+        ``refreeze_images`` (8-bit QAT with --freeze-bn, --bn-images): before the second epoch, the statistics QAT
         froze are taken again on that many images, on the float network the first epoch's weights define, so
-        the epochs after it learn the roundings of those (:func:`refreeze_from_float`)."""
+        the epochs after it learn the roundings of those (:func:`reestimate_on_float`)."""
         s, cfg, t0 = self.state, self.cfg, time.time() - self.state.elapsed
         while s.epoch < cfg.epochs:
             if s.epoch == 1 and refreeze_images:  # at the top of the loop, so a run resumed here does it too
-                refrozen = refreeze_from_float(s.net, self.x_train, refreeze_images, device=self.dist.device)
+                refrozen = reestimate_on_float(s.net, self.x_train, refreeze_images, frozen=True,
+                                               device=self.dist.device)
                 if refrozen:  # none in a float recipe, which freezes none
                     self.say(f"{refrozen} frozen BatchNorms re-estimated on the float network of epoch 1's weights "
                              f"({min(refreeze_images, len(self.x_train))} training images, --bn-images)")
@@ -178,13 +180,17 @@ class _Session:
             s.epoch += 1
         s.elapsed = time.time() - t0
 
-    def reestimate_bn(self, net: nn.Module, images: int) -> None:
-        """BatchNorm statistics of the trained weights on ``images`` training images (0: none); those QAT froze
-        stay as they are (:meth:`fit`)."""
+    def reestimate_bn(self, net: nn.Module, images: int, on_float: bool) -> None:
+        """BatchNorm statistics of the trained weights on ``images`` training images (0: none, as for PTQ, whose
+        were taken before calibration), ``on_float`` (8-bit QAT) on the float network they define
+        (:func:`reestimate_on_float`); those QAT froze stay as they are (:meth:`fit`)."""
         if images:
-            recalibrate_bn(net, self.x_train, images, device=self.dist.device)
+            if on_float:
+                reestimate_on_float(net, self.x_train, images, frozen=False, device=self.dist.device)
+            else:
+                recalibrate_bn(net, self.x_train, images, device=self.dist.device)
             self.say(f"BatchNorm statistics re-estimated on {min(images, len(self.x_train))} training images "
-                     "(--bn-images)")
+                     f"{'on the float network ' if on_float else ''}(--bn-images)")
 
     def diverged(self, snapshot: dict[str, Any] | None, where: str) -> None:
         s = self.state
@@ -249,14 +255,17 @@ class _Log:
 _RUN_OPTIONS = {"model": "--model", "data": "--data", "seed": "--seed", "image_size": "--image-size",
                 "mean": "--mean", "std": "--std", "recipe": "--recipe", "method": "--init/--epochs",
                 "calibration_images": "--calibrate", "bn_images": "--bn-images",
-                "deployed_bias_layers": "--freeze-bn/--no-freeze-bn"}
+                "deployed_bias_layers": "--round-bias/--no-round-bias", "batchnorm": "--freeze-bn/--no-freeze-bn"}
 
 
 def _run_settings(meta: dict[str, Any]) -> dict[str, Any]:
     """The settings :data:`_RUN_OPTIONS` names, from a run's metadata (a run from an older qkit lacks some; its
     recipe is read as today's qkit reads it)."""
     recipe = {k: v for k, v in Recipe.from_dict(meta["recipe"], "--resume").to_dict().items() if k != "train"}
-    return {k: v for k, v in {**meta, **meta.get("tuning", {}), "recipe": recipe}.items() if k in _RUN_OPTIONS}
+    tuning = meta.get("tuning", {})
+    if tuning and "batchnorm" not in tuning:  # qkit before --round-bias froze BatchNorm wherever it rounded
+        tuning = {**tuning, "batchnorm": "frozen" if tuning["deployed_bias_layers"] else "batch"}
+    return {k: v for k, v in {**meta, **tuning, "recipe": recipe}.items() if k in _RUN_OPTIONS}
 
 
 def _resume(session: _Session, run: Path, lr: float | None) -> None:
@@ -279,25 +288,27 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
           teacher: str | None = None, init: str | None = None, device: str = "cpu", resume: bool = False,
           out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
           log: Callable[[str], None] | None = None, calibrate_images: int = CALIBRATION_IMAGES,
-          freeze_bn: bool = True, bn_images: int | None = None, image_size: int | None = None,
-          mean: list[float] | None = None, std: list[float] | None = None, crop_augment: float | None = None,
-          flip_augment: bool | None = None) -> dict[str, Any]:
+          round_bias: bool = True, freeze_bn: bool | None = None, bn_images: int | None = None,
+          image_size: int | None = None, mean: list[float] | None = None, std: list[float] | None = None,
+          crop_augment: float | None = None, flip_augment: bool | None = None) -> dict[str, Any]:
     """Train ``model`` on ``data`` with ``recipe``; writes the run directory and returns its metrics.
 
     ``epochs=0`` with a quantized recipe is post-training quantization: activation ranges from ``calibrate_images``
     training images, no gradient step; the recipe is named ``NAME-ptq``. QAT from ``init`` weights starts at that
-    PTQ point and fine-tunes what the export will compute: BatchNorm frozen, biases rounded as exported
-    (:func:`qkit.quant.train_as_deployed`; ``freeze_bn`` False: BatchNorm on batch statistics, float biases;
-    ``calibrate_images`` 0: neither, and Brevitas collects the ranges while training).
+    PTQ point and fine-tunes what the export will compute: biases rounded as exported (``round_bias``), BatchNorm on
+    batch statistics or, with ``freeze_bn``, frozen at the float model's (:func:`qkit.quant.train_as_deployed`;
+    None: frozen for models from qkit's zoo, not for others; ``calibrate_images`` 0: neither, and Brevitas collects
+    the ranges while training).
     ``bn_images``: BatchNorm statistics re-estimated on that many training images before evaluation (0: off; None:
     :data:`BN_IMAGES` for PTQ, epochs=0 and models from outside qkit's zoo, off for the zoo's own, whose statistics
-    settle in their recipes; :meth:`_Session.fit`: 8-bit QAT's frozen ones again after epoch 1). A model from outside
+    settle in their recipes; 8-bit QAT's on the float network, its frozen ones after epoch 1). A model from outside
     the zoo trained from scratch (no ``init``) starts with its classifier at zero if its init is too wide
     (:func:`_zero_wide_head`). ``image_size``, ``mean``, ``std``: see :func:`qkit.data.load_dataset`.
     ``crop_augment``/``flip_augment`` override the recipe's. Under ``torchrun`` (WORLD_SIZE > 1) it trains with
     DistributedDataParallel, each rank on a DistributedSampler shard; rank 0 alone evaluates and writes files."""
     augment = {"crop_augment": crop_augment, "flip_augment": flip_augment}
-    recipe, ptq, bn_images = _post_training(_recipe(recipe, data, epochs, batch_size, lr, augment), model, bn_images)
+    recipe, ptq, bn_images, freeze_bn = _defaults(_recipe(recipe, data, epochs, batch_size, lr, augment), model,
+                                                  bn_images, freeze_bn)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QkitError("--device cuda: no CUDA device is available")
     dist = Dist(device)
@@ -308,11 +319,11 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
     net = create_model(model, ds.num_classes, ds.input_shape)
     head = _initialise(net, init, model, ds, ptq)
     start = ptq or (init is not None and recipe.is_quantized and calibrate_images > 0)  # from PTQ's point
-    net, deployed = _prepare(net, recipe, ds, start, calibrate_images, bn_images, dist.device, freeze_bn)
+    net, deployed = _prepare(net, recipe, ds, start, calibrate_images, bn_images, dist.device, round_bias, freeze_bn)
     teacher_net = checkpoint.load_model(teacher, model)[0].to(dist.device) if teacher else None
     resuming = resume and (run / "last.pt").is_file()
     tuned = _tuning(recipe, ptq, start, min(calibrate_images, len(ds.y_train)), min(bn_images, len(ds.y_train)),
-                    deployed)
+                    deployed, net)
     meta = _run_meta(model, data, ds, image_size, recipe, seed, tuned)
     with contextlib.ExitStack() as stack:
         # the run itself, or (--overwrite) a staging folder that replaces it once this run is complete
@@ -320,9 +331,9 @@ def train(model: str = "lenet5", data: str = "mnist5k", recipe: Recipe | None = 
         dist.barrier()
         say = _Log(stack, work, dist.main, log)
         session = _Session(recipe, ds, net, Objective(recipe.train, teacher_net), dist, work, meta, say, progress)
-        _start(session, run, resume, resuming, lr, head, deployed)
+        _start(session, run, resume, resuming, lr, head)
         session.fit(dist.wrap(net), bn_images if _float_statistics(recipe) else 0)
-        session.reestimate_bn(net, 0 if ptq else bn_images)  # PTQ's were before calibration
+        session.reestimate_bn(net, 0 if ptq else bn_images, recipe.is_quantized and _float_statistics(recipe))
         if not dist.main:
             return {}
         metrics = {**session.metrics(init, teacher), **tuned}
@@ -344,44 +355,50 @@ def _run_meta(model: str, data: str, ds: Dataset, image_size: int | None, recipe
             "qkit_version": qkit.__version__}
 
 
-def _post_training(recipe: Recipe, model: str, bn_images: int | None) -> tuple[Recipe, bool, int]:
+def _defaults(recipe: Recipe, model: str, bn_images: int | None,
+              freeze_bn: bool | None) -> tuple[Recipe, bool, int, bool]:
     """(the recipe, named ``NAME-ptq`` for post-training quantization; whether it is PTQ, i.e. no epochs; the
-    BatchNorm re-estimation images, resolving the default)."""
+    BatchNorm re-estimation images and whether QAT freezes BatchNorm, resolving their defaults by where the model
+    comes from: qkit's zoo, whose recipes and tables were tuned frozen, or outside it, where batch statistics
+    measured better; README "Bring your own model")."""
     ptq = recipe.train.epochs == 0
     if ptq and recipe.is_quantized:
         recipe = recipe.replace(name=f"{recipe.name}-ptq")
     if bn_images is None:
         bn_images = BN_IMAGES if ptq or _outside_zoo(model) else 0
-    return recipe, ptq, bn_images
+    return recipe, ptq, bn_images, not _outside_zoo(model) if freeze_bn is None else freeze_bn
 
 
 def _tuning(recipe: Recipe, ptq: bool, start: bool, calibrate_images: int, bn_images: int,
-            deployed: int) -> dict[str, Any]:
+            deployed: int, net: nn.Module) -> dict[str, Any]:
     """The metrics that say how the run was tuned: method, calibration and BatchNorm images (``start``: as
-    :func:`_prepare`'s), layers fine-tuned with their exported bias rounding (``deployed``)."""
+    :func:`_prepare`'s), layers fine-tuned with their exported bias rounding (``deployed``), and whether
+    ``net``'s BatchNorm trains on batch statistics or stays frozen."""
     method = ("ptq" if recipe.is_quantized else "none") if ptq else "qat" if recipe.is_quantized else "train"
     calibrated = start and recipe.is_quantized
+    frozen = any(isinstance(m, FrozenStats) for m in net.modules())
     return {"method": method, "calibration_images": calibrate_images if calibrated else 0, "bn_images": bn_images,
-            "deployed_bias_layers": deployed}
+            "deployed_bias_layers": deployed, "batchnorm": "frozen" if frozen else "batch"}
 
 
 def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate_images: int, bn_images: int,
-             device: str, freeze_bn: bool) -> tuple[nn.Module, int]:
-    """The quantized model to train, and how many of its layers fine-tune the deployed arithmetic.
+             device: str, round_bias: bool, freeze_bn: bool) -> tuple[nn.Module, int]:
+    """The quantized model to train, and how many of its layers fine-tune their exported bias rounding.
 
     With ``start`` (PTQ, i.e. no epochs, and QAT from ``--init`` weights unless ``calibrate_images`` is 0) it begins
     at PTQ's point: BatchNorm statistics re-estimated on the float model (``bn_images``), then activation ranges
     calibrated, so QAT refines PTQ's model (NVIDIA's and OpenVINO's recipe: calibrate, then fine-tune), with
-    BatchNorm frozen and biases rounded as exported (:func:`qkit.quant.train_as_deployed`) unless ``freeze_bn`` is
-    off. Without it, Brevitas spends QAT's first 300 steps collecting range statistics under augmentation.
+    biases rounded as exported (``round_bias``) and, with ``freeze_bn``, BatchNorm frozen
+    (:func:`qkit.quant.train_as_deployed`). Without it, Brevitas spends QAT's first 300 steps collecting range
+    statistics under augmentation.
 
-    The statistics BatchNorm is frozen at: at 8 bits a quantized layer is its float layer plus rounding noise, and
-    the float model's statistics are the ones it is meant to compute (re-estimated on the quantized model instead, σ
-    takes in that noise: timm's efficientnet_b0 on the real-model benchmark's digit photos, QAT seeds 0-2, 93.7 /
-    93.3 / 94.4 % against 94.2 / 93.5 / 94.6 %, within the seed spread); after its first epoch QAT takes them there
-    again, for the weights it has learned (:meth:`_Session.fit`). Below 8 bits it computes another function, so they
-    are re-estimated on the quantized model and the ranges calibrated again (digits lenet5, QAT seeds 0-3 from the
-    fp32 run: w2a2 95.4 → 97.4 %, w1a8 96.5 → 97.1 %)."""
+    The statistics ``freeze_bn`` freezes BatchNorm at: at 8 bits a quantized layer is its float layer plus rounding
+    noise, and the float model's statistics are the ones it is meant to compute (re-estimated on the quantized model
+    instead, σ takes in that noise: timm's efficientnet_b0 on the real-model benchmark's digit photos, QAT seeds
+    0-2, 93.7 / 93.3 / 94.4 % against 94.2 / 93.5 / 94.6 %, within the seed spread); after its first epoch QAT takes
+    them there again, for the weights it has learned (:meth:`_Session.fit`). Below 8 bits it computes another
+    function, so they are re-estimated on the quantized model and the ranges calibrated again (digits lenet5, QAT
+    seeds 0-3 from the fp32 run: w2a2 95.4 → 97.4 %, w1a8 96.5 → 97.1 %)."""
     x = ds.split("train")[0] if start else None
     if start and bn_images:
         recalibrate_bn(net.to(device), x, bn_images, device=device)
@@ -396,18 +413,17 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate
     if not _float_statistics(recipe):
         recalibrate_bn(net, x, calibrate_images, device=device)
         calibrate(net, x, calibrate_images, device=device)
-    return net, train_as_deployed(net) if freeze_bn else 0
+    return net, train_as_deployed(net, round_bias, freeze_bn)
 
 
 def _float_statistics(recipe: Recipe) -> bool:
-    """Whether QAT freezes BatchNorm at the float network's statistics (8 bits and up; see :func:`_prepare`)."""
+    """Whether QAT with ``freeze_bn`` freezes BatchNorm at the float network's statistics (8 bits and up; see
+    :func:`_prepare`)."""
     return min(recipe.weight_bits, recipe.act_bits) >= 8
 
 
-def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None, head: str | None,
-           deployed: int) -> None:
-    """Resume or start: the resolved recipe and the first log lines (``head``: what zeroing the classifier said;
-    ``deployed``: layers fine-tuned on their exported arithmetic)."""
+def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float | None, head: str | None) -> None:
+    """Resume or start: the resolved recipe and the first log lines (``head``: what zeroing the classifier said)."""
     if resuming:
         _resume(session, run, lr)
     elif resume:
@@ -423,5 +439,8 @@ def _start(session: _Session, run: Path, resume: bool, resuming: bool, lr: float
                 + (f" processes {session.dist.world}" if session.dist.world > 1 else ""))
     if head and not resuming:
         session.say(head)
-    if deployed:
-        session.say(f"BatchNorm frozen at its statistics; {deployed} layers train with their exported bias rounding")
+    tuned = session.meta["tuning"]
+    if tuned["deployed_bias_layers"]:
+        session.say(f"{tuned['deployed_bias_layers']} layers train with their exported bias rounding")
+    if tuned["batchnorm"] == "frozen":
+        session.say("BatchNorm frozen at the float model's statistics (--freeze-bn)")
