@@ -14,15 +14,15 @@ fold into the weight scale and the bias), so the layer computes exactly what its
 al. 2018 (BatchNorm folded into the weights during training) and Krishnamoorthi 2018 (BatchNorm switched to its
 running statistics for the rest of fine-tuning). qkit's training freezes them by default only for its zoo's own
 models: frozen at clean images' statistics while QAT trains on augmented ones, BatchNorm cost torchvision's
-mobilenet_v2 on Fashion-MNIST photos half a point on two machines' weights, where batch statistics with the
-rounding kept lost nothing (README, "Bring your own model").
+mobilenet_v2 on Fashion-MNIST photos 0.25 and 0.5 point against batch statistics on two machines' weights, beyond
+chance on both (README, "Bring your own model").
 
 Where the export can give a channel a threshold-exact bias instead (integer kernels then pick the float
 layer's levels), the offset is at most half a unit the bundle does not add; such channels have many
 accumulator units per output level, where half a unit rarely moves one.
 
-:func:`float_network` gives the float network a fine-tuned model's weights define, for statistics: after its first
-epoch, QAT at 8 bits re-estimates frozen statistics there (:mod:`qkit.training`), as they were before it began.
+:func:`float_network` gives the float network a fine-tuned model's weights define, for statistics: QAT at 8 bits
+re-estimates them there at its end, or with ``freeze_bn`` after its first epoch (:mod:`qkit.training`).
 """
 from __future__ import annotations
 
