@@ -58,7 +58,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     base = np.mean([r["top1_onnx"] for r in rows if r["recipe"] == "fp32"])
     lines = [f"{args.model} on {args.data}, seeds {args.seeds}, top-1 % of the exported ONNX model (ORT CPU)", "",
-             "| recipe | mean | min | drop vs fp32 mean | agreement (min) | on targets (min) | epochs | train s (mean) |",
+             "| recipe | mean | min | drop vs fp32 mean | agreement (min) | on targets (min) | epochs "
+             "| train s (mean) |",
              "|---|---|---|---|---|---|---|---|"]
     for name in recipes:
         mine = [r for r in rows if r["recipe"] == name]

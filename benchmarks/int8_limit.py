@@ -48,8 +48,8 @@ def peaks() -> dict | None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "peak"
-        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-o", str(exe), str(Path(__file__).with_name("peak.c"))],
-                       check=True)
+        source = Path(__file__).with_name("peak.c")
+        subprocess.run([cc, "-O2", "-mavx512f", "-mavx512vnni", "-o", str(exe), str(source)], check=True)
         runs = [json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
                 for _ in range(3)]
     return {k: max(r[k] for r in runs) for k in ("fp32_gmac_s", "int8_gmac_s")}

@@ -59,7 +59,8 @@ def main() -> None:
             for name in recipes:
                 for r in vs_fp32(bundles[name], bundles["fp32"], tuple(args.runtimes.split(",")), threads,
                                  args.seconds):
-                    rows.append({"model": model, **{k: v for k, v in r.items() if k not in ("bundle", "vs", "machine")}})
+                    kept = {k: v for k, v in r.items() if k not in ("bundle", "vs", "machine")}
+                    rows.append({"model": model, **kept})
     facts = machine()
     print(f"{facts['cpu']}, {facts['cores']} cores; batch 1; ratio = bundle time / fp32 time, pair by pair "
           f"(median, 95 % CI)\n")

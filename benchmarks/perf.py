@@ -4,8 +4,8 @@ Usage: python benchmarks/perf.py [--only adder,qat,data] [--repeats 20]
 
 - adder: forward + backward of one ResNet-20-size layer (32→32 channels, 3×3, 16×16 maps, batch 64) for the
   naive unfold-and-broadcast AdderNet (materialises N×L×O×K, autograd), qkit's Adder2d (torch.compile'd
-  distance and input-gradient loops, the paper's gradients) and nn.Conv2d of the same shape. Each variant runs in a fresh
-  process that reports its median step time and peak RSS growth (VmHWM), so memory is per variant.
+  distance and input-gradient loops, the paper's gradients) and nn.Conv2d of the same shape. Each variant runs in a
+  fresh process that reports its median step time and peak RSS growth (VmHWM), so memory is per variant.
 - qat: one SGD step (forward, backward, update) of lenet5 at batch 128 on 28×28 input for fp32, int8, w2a2
   and w1a1 models built by qkit.quantize, in steady state (after the 300 forwards in which Brevitas'
   activation quantizers initialise their scales from percentiles); ratio to fp32. int8 and w2a2 also run

@@ -35,7 +35,8 @@ def test_every_simd_path_equals_the_reference_on_random_layers(layer):
     """Raw uint8 sums and the int8 adder-int8 layer exactly (NCHW and channels-last), the float layer to
     rounding."""
     rng = np.random.default_rng(layer["seed"])
-    xshape, wshape = (layer["n"], layer["c"], layer["h"], layer["w"]), (layer["o"], layer["c"], layer["kh"], layer["kw"])
+    xshape = (layer["n"], layer["c"], layer["h"], layer["w"])
+    wshape = (layer["o"], layer["c"], layer["kh"], layer["kw"])
     case = {"xu": rng.integers(0, 256, xshape, dtype=np.uint8), "wu": rng.integers(0, 256, wshape, dtype=np.uint8),
             "x": rng.standard_normal(xshape).astype(np.float32), "w": rng.standard_normal(wshape).astype(np.float32),
             "pad": int(rng.integers(0, 256)), "stride": layer["stride"], "padding": layer["padding"]}

@@ -16,7 +16,8 @@ from qkit.training.calibrate import calibrate
 
 def test_the_trained_model_with_the_exported_biases_computes_what_the_onnx_computes():
     """Integer kernels add each folded bias rounded to the grid s_x·s_w; with those biases the trained model's
-    logits match the exported graph (run in float by ORT) twenty times closer than with its own (here 6e-8 against 4e-6)."""
+    logits match the exported graph (run in float by ORT) twenty times closer than with its own (here 6e-8 against
+    4e-6)."""
     ds = load_dataset("digits")
     x, _ = ds.split("train")
     x_test, y_test = ds.split("test")

@@ -61,7 +61,8 @@ KNOWN: dict[tuple[str, str], str] = {}  # (scheme, model) → reason, for a pair
 @pytest.mark.parametrize("scheme", sorted(SCHEMES))
 def test_scheme_converts_and_runs_in_onnx_runtime(scheme, model, request):
     if scheme == "adder" and model == "mobilenetv2":
-        pytest.skip("adder-int8 mobilenetv2: its calibration alone takes ~30 s on 2 cores; resnet20 covers adder blocks")
+        pytest.skip("adder-int8 mobilenetv2: its calibration alone takes ~30 s on 2 cores; "
+                    "resnet20 covers adder blocks")
     if (scheme, model) in KNOWN:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN[scheme, model]))
     net = _calibrated(model, RECIPE_OF[scheme])

@@ -4,8 +4,9 @@
 The model is traced with ``torch.fx``; the recipe's scheme (:mod:`qkit.quant.schemes`) replaces its
 Conv2d/Linear layers (the first and last at ``first_last_bits`` by the integer scheme) and its ReLUs, an
 8-bit quantizer goes on the model input, and a quantizer in front of every conv/linear/add/cat/mul and float
-activation input that is not already quantized, so that exported graphs keep every compute op on integer data. BatchNorm stays a
-separate layer during training and is folded into the conv at conversion (exact for per-channel scales).
+activation input that is not already quantized, so that exported graphs keep every compute op on integer data.
+BatchNorm stays a separate layer during training and is folded into the conv at conversion (exact for per-channel
+scales).
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Installs Debian's ``qemu-user-static`` and builds an ARM64 sysroot in :func:`qkit.targets.home`: Debian
 arm64 python3.11 and the libraries it loads (``apt-get download`` + ``dpkg -x``, nothing installed
 system-wide for arm64), plus the manylinux aarch64 wheels of the onnxruntime and numpy versions installed
-here; and ``g++-aarch64-linux-gnu``, for the ARM64 build of qkit's kernels. Needs root and apt for the Debian parts; otherwise it says so in one line and exits 0, and the
-targets it could not set up are reported as skipped by ``qkit check``.
+here; and ``g++-aarch64-linux-gnu``, for the ARM64 build of qkit's kernels. Needs root and apt for the Debian
+parts; otherwise it says so in one line and exits 0, and the targets it could not set up are reported as skipped
+by ``qkit check``.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def install_arm64(root: Path) -> None:
 
 
 def main() -> int:
-    steps = (("qemu-user-static", lambda: _apt_install("qemu-user-static", "qemu-x86_64-static", "qemu-aarch64-static")),
+    qemu = ("qemu-user-static", "qemu-x86_64-static", "qemu-aarch64-static")
+    steps = (("qemu-user-static", lambda: _apt_install(*qemu)),
              ("ARM64 sysroot", lambda: install_arm64(home() / "arm64")),
              # the ARM64 build of qkit's adder kernels (python -m qkit.kernels.build), tested under qemu
              ("ARM64 C++ cross compiler", lambda: _apt_install("g++-aarch64-linux-gnu", "aarch64-linux-gnu-g++")))
