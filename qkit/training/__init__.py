@@ -417,8 +417,8 @@ def _prepare(net: nn.Module, recipe: Recipe, ds: Dataset, start: bool, calibrate
 
 
 def _float_statistics(recipe: Recipe) -> bool:
-    """Whether QAT with ``freeze_bn`` freezes BatchNorm at the float network's statistics (8 bits and up; see
-    :func:`_prepare`)."""
+    """Whether QAT takes BatchNorm statistics on the float network (8 bits and up; see :func:`_prepare`): frozen at
+    them with ``freeze_bn``, re-estimated there at the end without it (:meth:`_Session.reestimate_bn`)."""
     return min(recipe.weight_bits, recipe.act_bits) >= 8
 
 
