@@ -245,6 +245,10 @@ def _check_lines(c: CheckResult) -> list[str]:
         p = c.parity
         lines.append(f"  parity with PyTorch: {p['agreement']:.2f}% same class (≥ {p['min_agreement']} needed), "
                      f"max |Δlogit| {p['max_abs_logit_diff']:.4g}")
+        if "float_execution" in p:  # absent from check.json files written before it was measured
+            lines.append(f"  the same graph run unfused in float (ORT_ENABLE_BASIC): {p['float_execution']:.2f}% same "
+                         "class as the run above")
+            lines += _rounding_verdict(p)
         if p.get("int32_biases"):
             b = p["int32_biases"]
             lines.append(f"  PyTorch ran with the {b['layers']} layers' int32 biases the runtimes add: rounding them "
@@ -268,6 +272,17 @@ def _check_lines(c: CheckResult) -> list[str]:
                  f"fp32 {e['fp32']}")
     lines.append("PASS" if c.passed else f"FAIL: {', '.join(c.failed)}")
     return lines
+
+
+def _rounding_verdict(parity: dict[str, Any]) -> list[str]:
+    """What a parity shortfall means, read from how far rounding alone moves the answers
+    (:func:`qkit.check._float_execution`): nothing when parity holds."""
+    if parity["agreement"] >= parity["min_agreement"]:
+        return []
+    if parity["float_execution"] < parity["min_agreement"]:
+        return ["  → rounding alone moves this model's answers: no runtime can be expected to match PyTorch closer "
+                "(near ties, amplified through the layers)"]
+    return ["  → rounding does not explain the shortfall: the runtime or the export computes something else"]
 
 
 def _target_line(name: str, t: dict[str, Any]) -> str:
