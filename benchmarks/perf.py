@@ -1,6 +1,6 @@
 """Training-side performance ratios: AdderNet step, QAT step overhead, data loading.
 
-Usage: python benchmarks/perf.py [--only adder,qat,data] [--repeats 20]
+Usage: python benchmarks/perf.py [--only adder,qat,deployed,data] [--repeats 20]
 
 - adder: forward + backward of one ResNet-20-size layer (32→32 channels, 3×3, 16×16 maps, batch 64) for the
   naive unfold-and-broadcast AdderNet (materialises N×L×O×K, autograd), qkit's Adder2d (torch.compile'd
@@ -10,6 +10,9 @@ Usage: python benchmarks/perf.py [--only adder,qat,data] [--repeats 20]
   and w1a1 models built by qkit.quantize, in steady state (after the 300 forwards in which Brevitas'
   activation quantizers initialise their scales from percentiles); ratio to fp32. int8 and w2a2 also run
   with Brevitas's stock eager activation quantizers in place of qkit's fused kernel (the "before" rows).
+- deployed: one SGD step of torchvision's resnet18 (int8, 10 classes, 32×32, batch 64, calibrated) with
+  qkit.quant.train_as_deployed's bias-rounding offsets, without them, and with them computed as before
+  2026-12-02 (the weights quantized a second time, integers read through QuantTensor.int()); ratio to without.
 - data: steps/s of qkit's real batch path (index the pre-loaded train tensor, ±2 px shift) vs the same
   model step on one fixed pre-built batch.
 All ratios are measured in one run, interleaved where they share a process; medians over --repeats.
@@ -124,21 +127,63 @@ def bench_qat(repeats: int) -> list[dict]:
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         steps[name] = step
-    times = {name: [] for name in steps}
-    for _ in range(3):
-        for fn in steps.values():
-            fn()
-    for _ in range(repeats):  # interleaved so drift hits every recipe alike
-        for name, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    med = {n: float(np.median(v)) for n, v in times.items()}
+    med = _interleaved(steps, repeats)
     print(f"QAT step, lenet5, batch 128, median of {repeats} interleaved ('stock': Brevitas's eager activation "
           f"quantizers):")
     for n, v in med.items():
         print(f"  {n:<10} {v:7.2f} ms   {v / med['fp32']:.2f}× fp32")
     return [{"recipe": n, "step_ms": round(v, 2), "vs_fp32": round(v / med["fp32"], 2)} for n, v in med.items()]
+
+
+def bench_deployed(repeats: int) -> list[dict]:
+    import qkit
+    from qkit.quant import train_as_deployed
+    from qkit.quant.schemes import WeightGrid, integer
+    from qkit.training.calibrate import calibrate
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    current = integer.IntegerScheme.weight_grid
+
+    def before(self, m, quant=None):  # the weights quantized again, the integers through QuantTensor.int()
+        qw = m.quant_weight()
+        return WeightGrid(qw.int().float().detach(), qw.scale.detach().flatten().expand(m.weight.shape[0]),
+                          int(qw.bit_width))
+    steps = {}
+    for name, round_bias, grid in (("without", False, current), ("offsets", True, current),
+                                   ("before", True, before)):
+        model = qkit.quantize(qkit.create_model("torchvision.models:resnet18", 10, (3, 32, 32)),
+                              qkit.load_recipe("int8"))
+        calibrate(model, x, 64)
+        train_as_deployed(model, round_bias)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+        def step(model=model.train(), opt=opt, grid=grid):
+            integer.IntegerScheme.weight_grid = grid
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            integer.IntegerScheme.weight_grid = current
+        steps[name] = step
+    med = _interleaved(steps, repeats)
+    print(f"QAT step, torchvision resnet18 int8, batch 64 at 32×32, median of {repeats} interleaved:")
+    for n, v in med.items():
+        print(f"  {n:<10} {v:7.2f} ms   {v / med['without']:.2f}× without offsets")
+    return [{"variant": n, "step_ms": round(v, 2), "vs_without": round(v / med["without"], 2)} for n, v in med.items()]
+
+
+def _interleaved(steps: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each step function, run in turn so drift hits every one alike (after 3 warm-up rounds)."""
+    times = {name: [] for name in steps}
+    for _ in range(3):
+        for fn in steps.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {n: float(np.median(v)) for n, v in times.items()}
 
 
 def bench_data(repeats: int) -> dict:
@@ -180,7 +225,7 @@ def bench_data(repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="adder,qat,data")
+    ap.add_argument("--only", default="adder,qat,deployed,data")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--adder-variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -188,7 +233,7 @@ def main() -> None:
         print(json.dumps(adder_variant(args.adder_variant, args.repeats)))
         return
     for part in args.only.split(","):
-        {"adder": bench_adder, "qat": bench_qat, "data": bench_data}[part](args.repeats)
+        {"adder": bench_adder, "qat": bench_qat, "deployed": bench_deployed, "data": bench_data}[part](args.repeats)
         print()
 
 

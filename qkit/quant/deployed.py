@@ -75,7 +75,12 @@ def add_per_channel(module: nn.Module, offset: torch.Tensor | Callable[[], torch
     def hook(m: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         o = offset() if callable(offset) else offset
         return output + o.to(output.device, output.dtype).view(1, -1, *([1] * (output.dim() - 2)))
-    hook.per_channel_offset = True  # what float_network takes out
+    return _deployed_hook(module, hook)
+
+
+def _deployed_hook(module: nn.Module, hook: Callable) -> RemovableHandle:
+    """``hook`` as a forward hook of ``module``, marked as one :func:`float_network` takes out."""
+    hook.deployed = True
     return module.register_forward_hook(hook)
 
 
@@ -89,7 +94,7 @@ def float_network(model: nn.Module) -> Iterator[nn.Module]:
     for m in twin.modules():
         thaw(m)
         hooks = m._forward_hooks  # the copy's own: deepcopy copied the dict (torch has no public removal by hook)
-        for key in [k for k, h in hooks.items() if getattr(h, "per_channel_offset", False)]:
+        for key in [k for k, h in hooks.items() if getattr(h, "deployed", False)]:
             del hooks[key]
     with quantization_status_manager(twin, disable_act_quant=True, disable_weight_quant=True,
                                      disable_bias_quant=True):
@@ -167,13 +172,17 @@ def _rounding(scheme, layer: nn.Module, bn: nn.Module | None, quant: nn.Module) 
     inputs = [t for m in (layer, bn, quant) if m is not None for t in (*m.parameters(), *m.buffers())]
     last: dict[str, object] = {}
     _count_optimizer_steps()
+    proxy = getattr(layer, "weight_quant", None)  # Brevitas's: keep the weights the forward pass quantized
+    if isinstance(proxy, nn.Module):  # (the offset is computed right after it, in the same pass)
+        _deployed_hook(proxy, lambda m, inputs, out: last.__setitem__("weights", out))
 
     @torch.no_grad()
     def offset() -> torch.Tensor:
         # an optimizer step, or any other in-place change (load_state_dict, .to()) of what the offset reads
         state = [_optimizer_steps[0], *((t.data_ptr(), t._version) for t in inputs)]
+        weights = last.pop("weights", None)  # not held between passes
         if last.get("state") != state:
-            int_weight, scale, _ = scheme.weight_grid(layer)
+            int_weight, scale, _ = scheme.weight_grid(layer, weights)
             mult, shift = bn_fold(bn, layer.weight)
             _, exported = spread(int_weight.abs().flatten(1).amax(1), scale * mult)
             act = act_scheme.convert_act(quant)

@@ -63,9 +63,11 @@ class Scheme:
         """Trained activation modules this scheme converts."""
         return ()
 
-    def weight_grid(self, m: nn.Module) -> WeightGrid | None:
+    def weight_grid(self, m: nn.Module, quant: object = None) -> WeightGrid | None:
         """Trained layer ``m``'s weight grid, whose deploy form is then a :class:`QuantWeightLayer`; None: this
-        scheme deploys it otherwise (own convert_layer)."""
+        scheme deploys it otherwise (own convert_layer). ``quant``: what ``m``'s Brevitas weight quantizer returned
+        in the forward pass just run, if the caller kept it (saves quantizing the weights a second time);
+        schemes whose layers have no such quantizer ignore it."""
         return None
 
     def convert_layer(self, m: nn.Module, mult, shift) -> nn.Module:

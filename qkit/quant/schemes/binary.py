@@ -76,7 +76,7 @@ class BinaryScheme(Scheme):
     def act_types(self) -> tuple[type, ...]:
         return (SignAct,)
 
-    def weight_grid(self, m: nn.Module) -> WeightGrid:
+    def weight_grid(self, m: nn.Module, quant: object = None) -> WeightGrid:
         return WeightGrid(torch.where(m.weight >= 0, 1.0, -1.0).detach(), m.quant_weight()[1].detach(), 1)
 
     def convert_act(self, m: nn.Module) -> nn.Module:

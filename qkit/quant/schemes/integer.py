@@ -97,9 +97,12 @@ class IntegerScheme(Scheme):
 
         return qnn.QuantReLU, qnn.QuantIdentity
 
-    def weight_grid(self, m: nn.Module) -> WeightGrid:
-        qw = m.quant_weight()
-        return WeightGrid(qw.int().float().detach(), qw.scale.detach().flatten().expand(m.weight.shape[0]),
+    def weight_grid(self, m: nn.Module, quant: object = None) -> WeightGrid:
+        qw = quant if getattr(quant, "scale", None) is not None else m.quant_weight()
+        # value / scale is an integer already: QuantTensor.int() would check that first, at the cost of a
+        # second quantization's time (measured: torchvision's resnet18, 63 ms per QAT step on 2 cores)
+        int_weight = torch.round(qw.value / qw.scale + qw.zero_point)
+        return WeightGrid(int_weight.detach(), qw.scale.detach().flatten().expand(m.weight.shape[0]),
                           int(qw.bit_width))
 
     def convert_act(self, m: nn.Module) -> nn.Module:

@@ -55,6 +55,6 @@ class TernaryScheme(Scheme):
     def layer_types(self) -> tuple[type, ...]:
         return TernaryConv2d, TernaryLinear
 
-    def weight_grid(self, m: nn.Module) -> WeightGrid:
+    def weight_grid(self, m: nn.Module, quant: object = None) -> WeightGrid:
         w_t, alpha = m.quant_weight()
         return WeightGrid(torch.round(w_t / alpha.view(-1, *[1] * (w_t.dim() - 1))).detach(), alpha.detach(), 2)
