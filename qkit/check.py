@@ -42,7 +42,8 @@ def _agreement(logits: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 def _float_execution(manifest: Manifest, x: Images, logits: np.ndarray) -> float:
     """% of test images on which ORT's float execution of model.onnx (ORT_ENABLE_BASIC: each DequantizeLinear →
-    float op → QuantizeLinear as written, no integer kernels) picks the class of its optimised run (``logits``).
+    float op → QuantizeLinear as written, no integer kernels; a float bundle without its fusions and layout
+    changes) picks the class of its optimised run (``logits``).
 
     Both execute the same program and differ only in float rounding, so this measures how far rounding alone
     moves the model's answers. Where it is below :data:`PARITY_MIN_AGREEMENT` the model's answers depend on
