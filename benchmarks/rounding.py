@@ -22,12 +22,13 @@ import torch
 from onnx import helper
 
 from qkit.bundle import ONNX, REFERENCE, Manifest
-from qkit.check import _reference, _test_inputs
+from qkit.check import _reference, _test_inputs, _top1
 from qkit.export.runtime import run_onnx
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> float:
-    return round(100.0 * float((a.argmax(1) == b.argmax(1)).mean()), 2)
+    """% of rows on which the two logit arrays pick the same class."""
+    return _top1(a, b.argmax(1))
 
 
 def answers(manifest: Manifest, x, n: int) -> dict[str, float]:
